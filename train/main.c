@@ -1,0 +1,44 @@
+// train/main.c: the qlora binary. Each subcommand parses its own arguments.
+#include <stdio.h>
+#include <string.h>
+
+#include "train.h"
+
+static const struct {
+    const char *name;
+    int (*run)(int argc, char **argv);
+    const char *help;
+} commands[] = {
+    {"quantize", cmd_quantize, "MODEL_DIR OUT_DIR   write a bnb-4bit (NF4 + double quant) checkpoint"},
+    {"inspect", cmd_inspect, "PATH                summarize a safetensors file or model folder"},
+    {"dequantize", cmd_dequantize, "CKPT OUT.safetensors  write a checkpoint with 4-bit weights dequantized"},
+};
+
+static void usage(void) {
+    fprintf(stderr, "qlora %s: QLoRA fine-tuning in C and CUDA\n\nusage: qlora COMMAND [args]\n", QLORA_VERSION);
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        fprintf(stderr, "  %-9s %s\n", commands[i].name, commands[i].help);
+    fprintf(stderr, "\n'qlora COMMAND --help' describes a command's options.\n");
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "help") == 0) {
+        usage();
+        return argc < 2 ? 2 : 0;
+    }
+    if (strcmp(argv[1], "--version") == 0 || strcmp(argv[1], "version") == 0) {
+        printf("qlora %s (CUDA %s)\n", QLORA_VERSION, nf4_cuda_available() ? "device present" :
+#ifdef QLORA_HAVE_CUDA
+               "built, no device"
+#else
+               "not built"
+#endif
+        );
+        return 0;
+    }
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        if (strcmp(argv[1], commands[i].name) == 0) return commands[i].run(argc - 2, argv + 2);
+    fprintf(stderr, "error: unknown command '%s'\n\n", argv[1]);
+    usage();
+    return 2;
+}
