@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: build with CUDA for the local GPU, run every test
+# (the CUDA suites under compute-sanitizer, then normally), run the GPU
+# benchmarks, and write the log to $OUT (or ./gpu-check-out). Commit the log
+# under bench/results/ with its date, commit and device.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu-check-out}
+mkdir -p "$out"
+log="$out/gpu-check-$(date -u +%Y%m%d)-$(git rev-parse --short HEAD 2>/dev/null || echo nogit).log"
+exec > >(tee "$log") 2>&1
+
+echo "date:   $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "no nvidia-smi"
+nvcc --version | tail -n 1
+
+command -v cmake >/dev/null || { apt-get update -qq && apt-get install -y -qq cmake >/dev/null; }
+[ -f /usr/include/CUnit/Basic.h ] || { apt-get update -qq && apt-get install -y -qq libcunit1-dev >/dev/null; }
+
+status=0
+rm -rf build-gpu
+cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DQLORA_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=native >/dev/null \
+  && cmake --build build-gpu -j "$(nproc)" || { echo "BUILD FAILED"; exit 1; }
+
+sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+for t in build-gpu/test_nf4; do
+  if [ -n "$sanitizer" ]; then
+    echo "== $t under compute-sanitizer (memcheck)"
+    "$sanitizer" --tool memcheck --error-exitcode 99 "$t" || status=1
+  fi
+done
+echo "== all tests"
+(cd build-gpu && ctest --output-on-failure) || status=1
+
+echo "== benchmarks"
+if [ -x build-gpu/bench_dequant_cuda ]; then build-gpu/bench_dequant_cuda || status=1; fi
+echo "== gpu-check finished with status $status"
+exit $status
