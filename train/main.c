@@ -12,6 +12,7 @@ static const struct {
     {"quantize", cmd_quantize, "MODEL_DIR OUT_DIR   write a bnb-4bit (NF4 + double quant) checkpoint"},
     {"inspect", cmd_inspect, "PATH                summarize a safetensors file or model folder"},
     {"dequantize", cmd_dequantize, "CKPT OUT.safetensors  write a checkpoint with 4-bit weights dequantized"},
+    {"step", cmd_step, "MODEL_DIR --batch F --out F  one forward + backward, loss and LoRA gradients out"},
 };
 
 static void usage(void) {

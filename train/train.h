@@ -3,6 +3,7 @@
 #ifndef QLORA_TRAIN_H
 #define QLORA_TRAIN_H
 
+#include "autograd/autograd.h"
 #include "core/core.h"
 #include "nf4/nf4.h"
 
@@ -47,10 +48,153 @@ int bnb4_load(const q_st_model *m, const char *name, nf4_tensor *t, q_err *err);
 bool bnb4_should_quantize(const char *name, const q_st_tensor *t);
 
 // ----------------------------------------------------------------------------
+// model: a Llama-family causal LM with a frozen NF4 + double-quant base
+
+typedef enum model_arch { MODEL_ARCH_LLAMA, MODEL_ARCH_MISTRAL, MODEL_ARCH_QWEN2 } model_arch;
+// "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM": for error messages.
+extern const char *const model_supported_architectures;
+
+typedef struct model_config {
+    model_arch arch;
+    int64_t vocab, hidden, intermediate, n_layers, n_heads, n_kv_heads, head_dim;
+    int64_t max_position;
+    int64_t sliding_window;       // Mistral; 0 = none
+    float rms_eps;
+    double rope_theta;
+    ag_rope_scaling rope_scaling;  // factor 0 = none
+    bool tie_embeddings;
+    bool attn_bias;                // q/k/v biases (Qwen2, Llama attention_bias)
+    bool o_bias, mlp_bias;         // Llama attention_bias / mlp_bias
+    q_dtype dtype;                 // torch_dtype of the checkpoint
+} model_config;
+
+// Parses an HF config.json (transformers 4.x rope_scaling or 5.x rope_parameters).
+int model_config_parse(model_config *c, const char *json_text, size_t len, const char *name, q_err *err);
+int model_config_load(model_config *c, const char *dir, q_err *err);
+
+// The seven linears of a block, in PEFT's module names.
+typedef enum model_linear_id {
+    LIN_Q, LIN_K, LIN_V, LIN_O, LIN_GATE, LIN_UP, LIN_DOWN, LIN_COUNT
+} model_linear_id;
+extern const char *const model_linear_names[LIN_COUNT];  // "q_proj", ...
+extern const char *const model_linear_parents[LIN_COUNT];  // "self_attn", "mlp"
+
+typedef struct model_layer {
+    float *attn_norm;               // [D]
+    float *mlp_norm;                // [D]
+    nf4_tensor w[LIN_COUNT];        // frozen base: q [H*hd,D], k/v [Hkv*hd,D], o [D,H*hd], gate/up [F,D], down [D,F]
+    float *bias[LIN_COUNT];         // [out] or NULL
+} model_layer;
+
+typedef struct model {
+    model_config cfg;
+    float *embed;        // [V,D]
+    float *final_norm;   // [D]
+    float *lm_head;      // [V,D]; == embed when tied
+    model_layer *layers; // [n_layers]
+    float *inv_freq;     // [hd/2]
+    bool prequantized;   // loaded from a bnb-4bit checkpoint
+} model;
+
+// Loads an HF safetensors folder (linear weights quantized to NF4 + double
+// quant at `blocksize`) or a bnb-4bit checkpoint (used as stored).
+int model_load(model *m, const char *dir, int64_t blocksize, q_err *err);
+void model_free(model *m);
+void model_linear_shape(const model_config *c, model_linear_id id, int64_t *out, int64_t *in);
+int64_t model_max_linear_numel(const model_config *c);
+
+// ----------------------------------------------------------------------------
+// LoRA adapters: fp16 storage, fp32 compute copies and gradients
+
+typedef struct lora_config {
+    int64_t r;
+    float alpha;
+    float dropout;
+    bool rslora;
+    uint32_t targets;  // bit (1 << model_linear_id) per targeted module
+    uint64_t seed;     // init and dropout
+} lora_config;
+
+typedef struct lora_module {
+    int64_t r, in, out;
+    uint16_t *A16, *B16;  // [r,I], [O,r] the adapter as stored (fp16)
+    float *A, *B;         // [r,I], [O,r] fp32 values of A16, B16
+    float *dA, *dB;       // [r,I], [O,r] gradients
+} lora_module;
+
+typedef struct lora {
+    lora_config cfg;
+    float scale;
+    int64_t n_layers;
+    lora_module *mods;    // [n_layers * LIN_COUNT]; r == 0 where not targeted
+} lora;
+
+static inline lora_module *lora_mod(const lora *l, int64_t layer, model_linear_id id) {
+    return &l->mods[layer * LIN_COUNT + id];
+}
+// "q_proj"/"q", ..., "all-linear" -> target bits; -1 with an error listing the names.
+int lora_targets_parse(const char *name, uint32_t *bits, q_err *err);
+// PEFT's default init, seeded: A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0.
+int lora_init(lora *l, const model *m, const lora_config *c, q_err *err);
+// Reads a PEFT folder (adapter_config.json + adapter_model.safetensors).
+int lora_load_peft(lora *l, const model *m, const char *dir, q_err *err);
+// Refreshes the fp32 copies from the fp16 weights.
+void lora_sync(lora *l);
+void lora_zero_grad(lora *l);
+void lora_free(lora *l);
+// PEFT's on-disk name of a module's weight: "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight".
+void lora_peft_name(char *out, size_t size, int64_t layer, model_linear_id id, char which);
+
+// ----------------------------------------------------------------------------
+// one training step
+
+// A batch of B rows of T tokens, flattened to N = B*T.
+typedef struct model_batch {
+    int64_t B, T, N;
+    int32_t *ids;      // [N]
+    int32_t *targets;  // [N] the token predicted at each position, AG_IGNORE_INDEX if none
+    int32_t *pos;      // [N] position in its document (restarts per document)
+    int32_t *start;    // [N] flat index of the first token of its document
+} model_batch;
+
+// From HF-style tensors: labels unshifted (labels[t] is the target of
+// position t-1, -100 = masked), doc_ids per token (a change of id starts a
+// new document; NULL = one document per row). Ids are checked against V.
+int model_batch_init(model_batch *b, int64_t B, int64_t T, const int64_t *ids, const int64_t *labels,
+                     const int64_t *doc_ids, int64_t vocab, q_err *err);
+// From a safetensors file: input_ids [B,T], optional labels (default input_ids)
+// and doc_ids, I64 or I32.
+int model_batch_load(model_batch *b, const char *path, int64_t vocab, q_err *err);
+void model_batch_free(model_batch *b);
+
+typedef struct model_step_opts {
+    bool checkpoint;        // recompute each layer in the backward
+    int64_t token_chunk;    // cross-entropy chunking (0 = defaults)
+    int64_t vocab_chunk;
+    float grad_scale;       // 0: 1 / valid targets of this batch
+    uint64_t step;          // mixes into the dropout seeds
+} model_step_opts;
+
+typedef struct model_step_result {
+    double loss;            // mean over valid targets
+    double loss_sum;
+    int64_t n_valid;
+    int64_t peak_bytes;     // activation memory the tapes held at most
+} model_step_result;
+
+// Forward and backward: LoRA gradients are accumulated into l's dA/dB.
+int model_step(const model *m, lora *l, const model_batch *b, const model_step_opts *o, model_step_result *r,
+               q_err *err);
+// Forward only; logits[N,V] when not NULL, loss when b has targets.
+int model_forward(const model *m, const lora *l, const model_batch *b, float *logits, model_step_result *r,
+                  q_err *err);
+
+// ----------------------------------------------------------------------------
 // CLI subcommands: parse their own arguments, print, return an exit code.
 
 int cmd_quantize(int argc, char **argv);
 int cmd_inspect(int argc, char **argv);
 int cmd_dequantize(int argc, char **argv);
+int cmd_step(int argc, char **argv);
 
 #endif  // QLORA_TRAIN_H
