@@ -292,6 +292,17 @@ static void test_lora_init_and_dropout(void) {
     CU_ASSERT_NOT_EQUAL(memcmp(dB, d->dB, (size_t)(d->out * d->r) * 4), 0);
     free(dB);
     lora_free(&l);
+
+    // with a trained adapter: dropout changes the training loss, never the evaluation
+    TEST_OK(lora_load_peft(&l, &m, model_path("llama_gqa", "adapter"), &err), &err);
+    model_step_result e0, e1, t1;
+    TEST_OK(model_forward(&m, &l, &b, NULL, &e0, &err), &err);
+    l.cfg.dropout = 0.5f;
+    TEST_OK(model_forward(&m, &l, &b, NULL, &e1, &err), &err);
+    CU_ASSERT_EQUAL(e0.loss, e1.loss);
+    TEST_OK(model_step(&m, &l, &b, &o, &t1, &err), &err);
+    CU_ASSERT_NOT_EQUAL(e0.loss, t1.loss);
+    lora_free(&l);
     model_batch_free(&b);
     model_free(&m);
 }

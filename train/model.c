@@ -407,7 +407,7 @@ static ag_linear layer_linear(const layer_ctx *c, model_linear_id id) {
     if (a && a->r > 0) {
         lin.r = a->r;
         lin.scale = c->l->scale;
-        lin.dropout = c->l->cfg.dropout;
+        lin.dropout = c->grads ? c->l->cfg.dropout : 0.0f;  // evaluation runs without dropout
         lin.dropout_seed = ag_rng_hash(c->l->cfg.seed ^ 0xd409u, (c->step * (uint64_t)c->m->cfg.n_layers +
                                                                    (uint64_t)c->layer) * LIN_COUNT + id);
         lin.A = a->A;
@@ -463,8 +463,10 @@ static void loss_chunks(const model_config *c, const model_step_opts *o, int64_t
     if (!(o && o->vocab_chunk > 0) && *tc * *vc > (16 << 20)) *vc = ((16 << 20) / *tc + 63) / 64 * 64;
 }
 
-int model_step(const model *m, lora *l, const model_batch *b, const model_step_opts *o, model_step_result *r,
-               q_err *err) {
+// One pass: forward (and, when training, the backward into l's gradients).
+// Training turns LoRA dropout on; the forward-only pass is evaluation.
+static int model_run(const model *m, const lora *l, const model_batch *b, const model_step_opts *o, bool training,
+                     float *logits, model_step_result *r, q_err *err) {
     memset(r, 0, sizeof *r);
     const model_config *c = &m->cfg;
     const int64_t ws_numel = model_max_linear_numel(c);
@@ -472,55 +474,39 @@ int model_step(const model *m, lora *l, const model_batch *b, const model_step_o
     layer_ctx *ctxs = malloc((size_t)c->n_layers * sizeof *ctxs);
     if (!ws || !ctxs) {
         free(ws), free(ctxs);
-        return q_err_set(err, "model step: out of memory for the dequantization workspace");
+        return q_err_set(err, "model: out of memory for the dequantization workspace");
     }
     ag_mem mem = {0, 0};
     ag_tape t;
-    ag_tape_init(&t, true, &mem, ws, ws_numel);
+    ag_tape_init(&t, training, &mem, ws, ws_numel);
     const int64_t valid = count_valid(b);
     const float scale = o->grad_scale > 0 ? o->grad_scale : valid ? 1.0f / (float)valid : 0.0f;
     int64_t tc, vc;
     loss_chunks(c, o, &tc, &vc);
-    ag_tensor *h = trunk_forward(&t, m, l, b, true, o->checkpoint, o->step, ctxs);
+    ag_tensor *h = trunk_forward(&t, m, l, b, training, training && o->checkpoint, o->step, ctxs);
+    if (h && logits)
+        ag_gemm(false, true, b->N, c->vocab, c->hidden, 1.0f, h->data, c->hidden, m->lm_head, c->hidden, 0.0f,
+                logits, c->vocab);
     ag_loss(&t, h, m->lm_head, b->targets, c->vocab, scale, tc, vc, &r->loss_sum, &r->n_valid);
-    if (!t.failed && h) ag_tape_backward(&t);
+    if (training && !t.failed && h) ag_tape_backward(&t);
     const bool failed = t.failed || !h;
     ag_tape_free(&t);
     free(ws);
     free(ctxs);
-    if (failed) return q_err_set(err, "model step: out of memory for activations");
+    if (failed) return q_err_set(err, "model: out of memory for activations");
     r->loss = r->n_valid ? r->loss_sum / (double)r->n_valid : 0.0;
     r->peak_bytes = mem.peak;
-    if (!isfinite(r->loss)) return q_err_set(err, "model step: the loss is not finite (%g)", r->loss);
+    if (!isfinite(r->loss)) return q_err_set(err, "model: the loss is not finite (%g)", r->loss);
     return 0;
+}
+
+int model_step(const model *m, lora *l, const model_batch *b, const model_step_opts *o, model_step_result *r,
+               q_err *err) {
+    return model_run(m, l, b, o, true, NULL, r, err);
 }
 
 int model_forward(const model *m, const lora *l, const model_batch *b, float *logits, model_step_result *r,
                   q_err *err) {
-    memset(r, 0, sizeof *r);
-    const model_config *c = &m->cfg;
-    const int64_t ws_numel = model_max_linear_numel(c);
-    float *ws = malloc((size_t)ws_numel * sizeof(float));
-    layer_ctx *ctxs = malloc((size_t)c->n_layers * sizeof *ctxs);
-    if (!ws || !ctxs) {
-        free(ws), free(ctxs);
-        return q_err_set(err, "model forward: out of memory");
-    }
-    ag_mem mem = {0, 0};
-    ag_tape t;
-    ag_tape_init(&t, false, &mem, ws, ws_numel);
-    int64_t tc, vc;
-    loss_chunks(c, NULL, &tc, &vc);
-    ag_tensor *h = trunk_forward(&t, m, l, b, false, false, 0, ctxs);
-    if (h && logits) ag_gemm(false, true, b->N, c->vocab, c->hidden, 1.0f, h->data, c->hidden, m->lm_head,
-                             c->hidden, 0.0f, logits, c->vocab);
-    ag_loss(&t, h, m->lm_head, b->targets, c->vocab, 0.0f, tc, vc, &r->loss_sum, &r->n_valid);
-    const bool failed = t.failed || !h;
-    ag_tape_free(&t);
-    free(ws);
-    free(ctxs);
-    if (failed) return q_err_set(err, "model forward: out of memory for activations");
-    r->loss = r->n_valid ? r->loss_sum / (double)r->n_valid : 0.0;
-    r->peak_bytes = mem.peak;
-    return 0;
+    const model_step_opts o = {0};
+    return model_run(m, l, b, &o, false, logits, r, err);
 }
