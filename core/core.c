@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <libgen.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/stat.h>
@@ -245,6 +246,11 @@ static int fsync_dir_of(const char *path) {
     return rc;
 }
 
+bool q_fault_kill_write(const char *path) {
+    const char *fault = getenv("QLORA_FAULT_KILL_WRITE");
+    return fault && *fault && strstr(path, fault);
+}
+
 int q_file_write_atomic(const char *path, const void *data, size_t size, q_err *err) {
     char tmp[4096];
     if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp)
@@ -253,6 +259,8 @@ int q_file_write_atomic(const char *path, const void *data, size_t size, q_err *
     if (fd < 0) return q_err_set(err, "%s: cannot create: %s", tmp, strerror(errno));
     const char *p = data;
     size_t left = size;
+    const bool fault = q_fault_kill_write(path);
+    if (fault) left = size / 2;
     while (left > 0) {
         ssize_t w = write(fd, p, left);
         if (w < 0 && errno == EINTR) continue;
@@ -264,6 +272,10 @@ int q_file_write_atomic(const char *path, const void *data, size_t size, q_err *
         }
         p += w;
         left -= (size_t)w;
+    }
+    if (fault) {
+        fsync(fd);
+        raise(SIGKILL);
     }
     if (fsync(fd) != 0 || close(fd) != 0) {
         unlink(tmp);

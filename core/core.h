@@ -104,6 +104,10 @@ int q_file_read(const char *path, char **data, size_t *size, q_err *err);
 // Writes atomically: PATH.tmp, fsync, rename, fsync of the folder. A crash
 // leaves either the old file or the new one, never a torn one.
 int q_file_write_atomic(const char *path, const void *data, size_t size, q_err *err);
+// Fault injection for the crash tests: true when $QLORA_FAULT_KILL_WRITE is a
+// substring of path; the atomic writers then kill the process (SIGKILL)
+// halfway through the temporary file, as a power cut or an OOM kill would.
+bool q_fault_kill_write(const char *path);
 bool q_path_is_dir(const char *path);
 bool q_path_exists(const char *path);
 int q_mkdir_p(const char *path, q_err *err);
@@ -206,6 +210,73 @@ typedef struct q_st_entry {
 int q_st_write(const char *path, const q_st_entry *entries, size_t n,
                const char *const *meta_keys, const char *const *meta_values, size_t n_meta,
                q_err *err);
+
+// ----------------------------------------------------------------------------
+// GGUF (docs: gguf.md). A read-only view of a mmapped file: metadata and
+// tensor infos validated as llama.cpp validates them (magic, version 2/3,
+// counts bounded by the file size, alignment a power of two, offsets the
+// padded running sum, ne[0] a multiple of the type's block).
+
+typedef enum q_gguf_type {  // metadata value types
+    Q_GGUF_U8 = 0, Q_GGUF_I8 = 1, Q_GGUF_U16 = 2, Q_GGUF_I16 = 3, Q_GGUF_U32 = 4, Q_GGUF_I32 = 5,
+    Q_GGUF_F32 = 6, Q_GGUF_BOOL = 7, Q_GGUF_STRING = 8, Q_GGUF_ARRAY = 9, Q_GGUF_U64 = 10, Q_GGUF_I64 = 11,
+    Q_GGUF_F64 = 12,
+} q_gguf_type;
+
+typedef struct q_gguf_kv {
+    char *key;
+    q_gguf_type type;
+    q_gguf_type elem_type;  // Q_GGUF_ARRAY only
+    uint64_t count;         // Q_GGUF_ARRAY: number of elements
+    const uint8_t *data;    // points into the mapping: the value (array: its first element)
+} q_gguf_kv;
+
+typedef struct q_gguf_tensor {
+    char *name;
+    uint32_t type;          // ggml type id (0 F32, 1 F16, 30 BF16, 2 Q4_0, 3 Q4_1, 8 Q8_0, ...)
+    int n_dims;
+    int64_t ne[4];          // ne[0] innermost: a Linear [out, in] is ne = {in, out}
+    int64_t numel;
+    size_t nbytes;
+    const void *data;       // points into the mapping
+} q_gguf_tensor;
+
+typedef struct q_gguf {
+    char *path;
+    const uint8_t *map;
+    size_t map_size;
+    uint32_t version;
+    uint32_t alignment;
+    size_t n_kv;
+    q_gguf_kv *kv;          // [n_kv] in file order
+    size_t n_tensors;
+    q_gguf_tensor *tensors; // [n_tensors] in file order
+} q_gguf;
+
+int q_gguf_open(q_gguf *g, const char *path, q_err *err);
+void q_gguf_close(q_gguf *g);
+const q_gguf_kv *q_gguf_find_kv(const q_gguf *g, const char *key);
+const q_gguf_tensor *q_gguf_find_tensor(const q_gguf *g, const char *name);
+// Typed getters: 0 on success; -1 with an error naming the key when absent or
+// of a type that cannot convert (any integer type converts to int64).
+int q_gguf_get_int(const q_gguf *g, const char *key, int64_t *v, q_err *err);
+int q_gguf_get_float(const q_gguf *g, const char *key, double *v, q_err *err);
+int q_gguf_get_bool(const q_gguf *g, const char *key, bool *v, q_err *err);
+// A string value (not NUL-terminated in the file): pointer and length.
+int q_gguf_get_string(const q_gguf *g, const char *key, const char **s, size_t *len, q_err *err);
+// Element i of a string array (bounds-checked by the caller against kv->count).
+// Walks the array, so iterate with q_gguf_string_iter for whole arrays.
+typedef struct q_gguf_string_iter {
+    const uint8_t *p, *end;
+    uint64_t left;
+} q_gguf_string_iter;
+void q_gguf_string_iter_init(q_gguf_string_iter *it, const q_gguf_kv *kv);
+bool q_gguf_string_iter_next(q_gguf_string_iter *it, const char **s, size_t *len);
+// Block size and bytes per block of a ggml type; false for types qlora cannot read.
+bool q_gguf_type_info(uint32_t type, int64_t *block, int64_t *block_bytes);
+const char *q_gguf_type_name(uint32_t type);
+// Dequantizes n elements (a multiple of the block) of F32/F16/BF16/Q4_0/Q4_1/Q8_0 data to fp32.
+int q_gguf_dequantize(uint32_t type, const void *data, int64_t n, float *out, q_err *err);
 
 #ifdef __cplusplus
 }

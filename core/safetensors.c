@@ -12,6 +12,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/mman.h>
@@ -558,6 +559,11 @@ static int write_streaming(const char *path, const q_buf *header, const planned 
     uint8_t len[8];
     for (int i = 0; i < 8; i++) len[i] = (uint8_t)((uint64_t)header->len >> (8 * i));
     bool ok = fwrite(len, 1, 8, fp) == 8 && fwrite(header->data, 1, header->len, fp) == header->len;
+    if (q_fault_kill_write(path)) {  // the crash tests: die with only the header written
+        fflush(fp);
+        fsync(fileno(fp));
+        raise(SIGKILL);
+    }
     for (size_t i = 0; i < n && ok; i++)  // empty tensors may have NULL data
         ok = !order[i].nbytes || fwrite(order[i].e->data, 1, order[i].nbytes, fp) == order[i].nbytes;
     ok = ok && fflush(fp) == 0 && fsync(fileno(fp)) == 0;
