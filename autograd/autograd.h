@@ -47,6 +47,8 @@ static inline float ag_rng_uniform(uint64_t seed, uint64_t index) {  // [0, 1), 
 void ag_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float *A,
              int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc);
 const char *ag_gemm_backend(void);  // "openblas" or "builtin"
+// Threads for OpenMP loops and OpenBLAS (n <= 0: leave the defaults).
+void ag_set_threads(int n);
 
 // ----------------------------------------------------------------------------
 // kernels

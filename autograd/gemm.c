@@ -3,6 +3,10 @@
 // loop that is correct everywhere and fast nowhere.
 #include "autograd.h"
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #ifdef QLORA_HAVE_CBLAS
 #include <cblas.h>
 
@@ -13,6 +17,7 @@ void ag_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float 
                 (int)N, (int)K, alpha, A, (int)lda, B, (int)ldb, beta, C, (int)ldc);
 }
 const char *ag_gemm_backend(void) { return "openblas"; }
+static void blas_threads(int n) { openblas_set_num_threads(n); }
 
 #else
 
@@ -47,6 +52,7 @@ void ag_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float 
     }
 }
 const char *ag_gemm_backend(void) { return "builtin"; }
+static void blas_threads(int n) { (void)n; }
 
 #endif
 
@@ -55,4 +61,12 @@ uint64_t ag_rng_hash(uint64_t seed, uint64_t index) {
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
     return z ^ (z >> 31);
+}
+
+void ag_set_threads(int n) {
+    if (n <= 0) return;
+#ifdef _OPENMP
+    omp_set_num_threads(n);
+#endif
+    blas_threads(n);
 }

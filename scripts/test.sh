@@ -14,7 +14,7 @@ FUZZ_SECONDS=${QLORA_FUZZ_SECONDS:-60}
 # ---------------------------------------------------------------------------
 # dependencies (apt, by name; skipped when already installed)
 need=()
-for pkg in cmake gcc make libcunit1-dev clang libclang-rt-14-dev libomp-dev libopenblas-dev; do
+for pkg in cmake gcc make libcunit1-dev clang libclang-rt-14-dev libomp-dev libopenblas-openmp-dev libyaml-dev libpcre2-dev libutf8proc-dev; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

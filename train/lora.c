@@ -230,3 +230,68 @@ int lora_load_peft(lora *l, const model *m, const char *dir, q_err *err) {
     lora_sync(l);
     return 0;
 }
+
+// ----------------------------------------------------------------------------
+// writing a PEFT folder: what PeftModel.save_pretrained writes, so PEFT,
+// vLLM and transformers load it (formats.md 7.1-7.3). Weights are fp16, as
+// trained.
+
+int lora_save_peft(const lora *l, const char *dir, const char *base_model, q_err *err) {
+    if (q_mkdir_p(dir, err)) return -1;
+    const lora_config *c = &l->cfg;
+    q_buf j = {0};
+    char alpha[64], dropout[64];
+    q_format_float_repr(c->alpha, alpha, sizeof alpha);
+    q_format_float_repr(c->dropout, dropout, sizeof dropout);
+    // json.dumps(config, indent=2, sort_keys=True): keys in sorted order
+    int rc = q_buf_printf(&j, "{\n  \"alpha_pattern\": {},\n  \"auto_mapping\": null,\n  \"base_model_name_or_path\": ");
+    rc |= q_buf_json_string(&j, base_model ? base_model : "");
+    rc |= q_buf_printf(&j, ",\n  \"bias\": \"none\",\n  \"fan_in_fan_out\": false,\n  \"inference_mode\": true,\n"
+                           "  \"init_lora_weights\": true,\n  \"layers_pattern\": null,\n  \"layers_to_transform\": null,\n"
+                           "  \"lora_alpha\": %s,\n  \"lora_dropout\": %s,\n  \"modules_to_save\": null,\n"
+                           "  \"peft_type\": \"LORA\",\n  \"r\": %lld,\n  \"rank_pattern\": {},\n  \"revision\": null,\n"
+                           "  \"target_modules\": [",
+                       alpha, dropout, (long long)c->r);
+    bool first = true;
+    for (int id = 0; id < LIN_COUNT; id++)
+        if (c->targets & (1u << id)) {
+            rc |= q_buf_printf(&j, "%s\n    \"%s\"", first ? "" : ",", model_linear_names[id]);
+            first = false;
+        }
+    rc |= q_buf_printf(&j, "\n  ],\n  \"task_type\": \"CAUSAL_LM\",\n  \"use_dora\": false,\n  \"use_rslora\": %s\n}",
+                       c->rslora ? "true" : "false");
+    char path[4096];
+    snprintf(path, sizeof path, "%s/adapter_config.json", dir);
+    if (rc || q_file_write_atomic(path, j.data, j.len, err)) {
+        q_buf_free(&j);
+        return rc ? q_err_set(err, "out of memory") : -1;
+    }
+    q_buf_free(&j);
+
+    const int64_t n_max = 2 * l->n_layers * LIN_COUNT;
+    q_st_entry *e = calloc((size_t)(n_max ? n_max : 1), sizeof *e);
+    char (*names)[256] = calloc((size_t)(n_max ? n_max : 1), sizeof *names);
+    if (!e || !names) {
+        free(e), free(names);
+        return q_err_set(err, "out of memory");
+    }
+    size_t n = 0;
+    for (int64_t i = 0; i < l->n_layers; i++)
+        for (int id = 0; id < LIN_COUNT; id++) {
+            const lora_module *a = lora_mod(l, i, (model_linear_id)id);
+            if (!a->r) continue;
+            lora_peft_name(names[n], sizeof names[n], i, (model_linear_id)id, 'A');
+            e[n] = (q_st_entry){.name = names[n], .dtype = Q_DTYPE_F16, .ndim = 2, .shape = {a->r, a->in},
+                                .data = a->A16};
+            n++;
+            lora_peft_name(names[n], sizeof names[n], i, (model_linear_id)id, 'B');
+            e[n] = (q_st_entry){.name = names[n], .dtype = Q_DTYPE_F16, .ndim = 2, .shape = {a->out, a->r},
+                                .data = a->B16};
+            n++;
+        }
+    snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
+    const char *mk[] = {"format"}, *mv[] = {"pt"};
+    rc = q_st_write(path, e, n, mk, mv, 1, err);
+    free(e), free(names);
+    return rc;
+}

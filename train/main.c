@@ -12,6 +12,8 @@ static const struct {
     {"quantize", cmd_quantize, "MODEL_DIR OUT_DIR   write a bnb-4bit (NF4 + double quant) checkpoint"},
     {"inspect", cmd_inspect, "PATH                summarize a safetensors file or model folder"},
     {"dequantize", cmd_dequantize, "CKPT OUT.safetensors  write a checkpoint with 4-bit weights dequantized"},
+    {"train", cmd_train, "RECIPE.yaml [key=value ...]  fine-tune LoRA adapters from a recipe"},
+    {"generate", cmd_generate, "MODEL --prompt TEXT [--adapter DIR]  generate text with a KV cache"},
     {"step", cmd_step, "MODEL_DIR --batch F --out F  one forward + backward, loss and LoRA gradients out"},
 };
 

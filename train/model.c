@@ -235,6 +235,14 @@ static int load_linear(model *m, const q_st_model *st, int64_t layer, model_line
 
 int model_load(model *m, const char *dir, int64_t blocksize, q_err *err) {
     memset(m, 0, sizeof *m);
+    const size_t len = strlen(dir);
+    if (len > 5 && strcmp(dir + len - 5, ".gguf") == 0) {
+        q_gguf g;
+        if (q_gguf_open(&g, dir, err)) return -1;
+        int rc = model_load_gguf(m, &g, blocksize, err);
+        q_gguf_close(&g);
+        return rc;
+    }
     if (model_config_load(&m->cfg, dir, err)) return -1;
     if (nf4_blocksize_check(blocksize, err)) return -1;
     q_st_model st;

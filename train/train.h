@@ -5,7 +5,10 @@
 
 #include "autograd/autograd.h"
 #include "core/core.h"
+#include "data/data.h"
 #include "nf4/nf4.h"
+
+#include <stdio.h>
 
 // ----------------------------------------------------------------------------
 // bnb-4bit checkpoints (formats.md section 4): a quantized linear weight P.weight
@@ -97,8 +100,15 @@ typedef struct model {
 } model;
 
 // Loads an HF safetensors folder (linear weights quantized to NF4 + double
-// quant at `blocksize`) or a bnb-4bit checkpoint (used as stored).
-int model_load(model *m, const char *dir, int64_t blocksize, q_err *err);
+// quant at `blocksize`), a bnb-4bit checkpoint (used as stored) or a .gguf
+// file (model_load_gguf).
+int model_load(model *m, const char *path, int64_t blocksize, q_err *err);
+// GGUF (llama architecture): F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors dequantized to
+// fp32, the Q/K row permutation of convert_hf_to_gguf undone (gguf.md 3.8),
+// then the block linears quantized to NF4 + double quant. dtype is F32 (the
+// dequantized values are what the file holds).
+int model_load_gguf(model *m, const q_gguf *g, int64_t blocksize, q_err *err);
+int model_config_from_gguf(model_config *c, const q_gguf *g, q_err *err);
 void model_free(model *m);
 void model_linear_shape(const model_config *c, model_linear_id id, int64_t *out, int64_t *in);
 int64_t model_max_linear_numel(const model_config *c);
@@ -138,6 +148,8 @@ int lora_targets_parse(const char *name, uint32_t *bits, q_err *err);
 int lora_init(lora *l, const model *m, const lora_config *c, q_err *err);
 // Reads a PEFT folder (adapter_config.json + adapter_model.safetensors).
 int lora_load_peft(lora *l, const model *m, const char *dir, q_err *err);
+// Writes a PEFT folder (adapter_config.json + adapter_model.safetensors, fp16).
+int lora_save_peft(const lora *l, const char *dir, const char *base_model, q_err *err);
 // Refreshes the fp32 copies from the fp16 weights.
 void lora_sync(lora *l);
 void lora_zero_grad(lora *l);
@@ -190,11 +202,98 @@ int model_forward(const model *m, const lora *l, const model_batch *b, float *lo
                   q_err *err);
 
 // ----------------------------------------------------------------------------
+// generation: a KV-cached forward, greedy or temperature / top-p sampling
+
+typedef struct gen_opts {
+    int64_t max_new_tokens;
+    float temperature;     // 0 = greedy
+    float top_p;           // 1 = off
+    uint64_t seed;
+    int32_t stop_id;       // stop after emitting this id (EOS / end of turn), -1 = none
+} gen_opts;
+
+// Appends up to max_new_tokens ids after prompt[0..n_prompt) (l may be NULL:
+// the base model). *out (malloc'd) holds only the new ids.
+int gen_generate(const model *m, const lora *l, const int32_t *prompt, int64_t n_prompt, const gen_opts *o,
+                 int32_t **out, int64_t *n_out, q_err *err);
+// Logits [n, V] of ids[0..n) as generation computes them: ids[0..n_prefill)
+// in one prefill pass, then one decode step per id through the KV cache.
+// Tests hold it against model_forward.
+int gen_forward_logits(const model *m, const lora *l, const int32_t *ids, int64_t n, int64_t n_prefill,
+                       float *logits, q_err *err);
+
+// ----------------------------------------------------------------------------
+// recipes: YAML files of dotted keys (recipes-and-qat.md B3). Every key, its
+// type, range and default is one row of the table in recipe.c.
+
+typedef struct recipe {
+    uint64_t seed;
+    char run_dir[1024];          // run.dir: where metrics, checkpoints and the adapter go
+    // model
+    char model_path[1024];       // model.path: HF folder, bnb-4bit checkpoint or .gguf file
+    char tokenizer_path[1024];   // model.tokenizer: tokenizer.json (default: beside the model / in the GGUF)
+    // quant
+    int64_t quant_block_size;    // quant.block_size
+    // lora
+    int64_t lora_r;
+    double lora_alpha, lora_dropout;
+    bool lora_rslora;
+    uint32_t lora_targets;       // lora.targets: list of names or "all-linear"
+    // data
+    char data_path[1024];
+    data_format data_format;
+    data_template data_template;
+    char data_prompt_field[64], data_response_field[64], data_text_field[64];
+    char data_system_prompt[1024];
+    bool data_train_on_inputs, data_packing, data_skip_bad_lines;
+    int64_t data_seq_len, data_max_examples;
+    // eval
+    double eval_split;
+    int64_t eval_max_examples, eval_every_n_steps, eval_max_batches;
+    // train
+    int64_t train_micro_batch_size, train_gradient_accumulation_steps, train_epochs, train_max_steps;
+    bool train_recompute;        // train.recompute: none | all
+    int64_t train_threads;       // 0 = all cores
+    int64_t train_log_every;
+    // optim
+    double optim_lr, optim_weight_decay, optim_beta1, optim_beta2, optim_eps, optim_max_grad_norm;
+    // sched
+    char sched_name[16];         // constant | linear | cosine
+    int64_t sched_warmup_steps;
+    double sched_warmup_ratio, sched_final_lr_frac;
+    // ckpt
+    int64_t ckpt_every_n_steps, ckpt_keep;
+    // samples: prompts generated from before and after training
+    int64_t sample_count, sample_max_new_tokens;
+} recipe;
+
+void recipe_defaults(recipe *r);
+// Parses YAML text (nested mappings or dotted keys), applied over the
+// current values. Unknown keys fail with a "did you mean" suggestion; types
+// and ranges are checked; errors name file:line.
+int recipe_parse(recipe *r, const char *yaml, size_t len, const char *name, q_err *err);
+int recipe_load(recipe *r, const char *path, q_err *err);
+// One "key=value" override from the command line (same checks).
+int recipe_override(recipe *r, const char *assignment, q_err *err);
+// The resolved recipe as YAML (every key, grouped), parseable by recipe_parse.
+int recipe_write_yaml(const recipe *r, q_buf *out);
+// The key table as documentation (key, type, default, meaning), for --help.
+void recipe_print_keys(FILE *f);
+
+// ----------------------------------------------------------------------------
+// the trainer (trainer.c): runs a recipe into its run folder; with resume it
+// continues from the newest loadable checkpoint there. stop_after > 0 pauses
+// after that many updates (a checkpoint is written; --resume continues).
+int train_run(const recipe *r, bool resume, int64_t stop_after, q_err *err);
+
+// ----------------------------------------------------------------------------
 // CLI subcommands: parse their own arguments, print, return an exit code.
 
 int cmd_quantize(int argc, char **argv);
 int cmd_inspect(int argc, char **argv);
 int cmd_dequantize(int argc, char **argv);
 int cmd_step(int argc, char **argv);
+int cmd_train(int argc, char **argv);
+int cmd_generate(int argc, char **argv);
 
 #endif  // QLORA_TRAIN_H
