@@ -49,6 +49,9 @@ void ag_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float 
 const char *ag_gemm_backend(void);  // "openblas" or "builtin"
 // Threads for OpenMP loops and OpenBLAS (n <= 0: leave the defaults).
 void ag_set_threads(int n);
+// Call first thing in main, before any OpenMP region: settles how OpenMP and
+// the BLAS share cores (passive waiting when OpenBLAS has its own pthreads).
+void ag_threads_init(void);
 
 // ----------------------------------------------------------------------------
 // kernels

@@ -1,7 +1,10 @@
 // autograd/gemm.c: the one matrix multiply the CPU path uses. OpenBLAS when
 // the build found it (the CPU path's speed is its GEMM), otherwise a blocked
 // loop that is correct everywhere and fast nowhere.
+#define _GNU_SOURCE
 #include "autograd.h"
+
+#include <stdlib.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -18,6 +21,12 @@ void ag_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float 
 }
 const char *ag_gemm_backend(void) { return "openblas"; }
 static void blas_threads(int n) { openblas_set_num_threads(n); }
+// OpenBLAS built with pthreads keeps its own pool beside OpenMP's; spinning
+// OpenMP workers then starve it (measured: 2 threads slower than 1). Passive
+// waiting makes the two share the cores.
+static void blas_threads_init(void) {
+    if (openblas_get_parallel() == 1) setenv("OMP_WAIT_POLICY", "passive", 0);
+}
 
 #else
 
@@ -53,6 +62,7 @@ void ag_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float 
 }
 const char *ag_gemm_backend(void) { return "builtin"; }
 static void blas_threads(int n) { (void)n; }
+static void blas_threads_init(void) {}
 
 #endif
 
@@ -62,6 +72,8 @@ uint64_t ag_rng_hash(uint64_t seed, uint64_t index) {
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
     return z ^ (z >> 31);
 }
+
+void ag_threads_init(void) { blas_threads_init(); }
 
 void ag_set_threads(int n) {
     if (n <= 0) return;

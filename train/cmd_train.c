@@ -39,6 +39,7 @@ int cmd_train(int argc, char **argv) {
     int rc = recipe_load(r, path, &err);
     for (int i = 0; i < argc && !rc; i++)
         if (strchr(argv[i], '=') && argv[i][0] != '-') rc = recipe_override(r, argv[i], &err);
+    if (!rc) rc = recipe_validate(r, &err);
     if (!rc) rc = train_run(r, resume, stop_after, &err);
     if (rc) fprintf(stderr, "error: %s\n", err.msg);
     free(r);

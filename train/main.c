@@ -25,6 +25,7 @@ static void usage(void) {
 }
 
 int main(int argc, char **argv) {
+    ag_threads_init();
     if (argc < 2 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "help") == 0) {
         usage();
         return argc < 2 ? 2 : 0;

@@ -812,3 +812,11 @@ void recipe_print_keys(FILE *f) {
         fputc('\n', f);
     }
 }
+
+// After command-line overrides: the same checks, with no key "set in a file"
+// (so the warmup pair is judged by value only).
+int recipe_validate(recipe *r, q_err *err) {
+    int line[N_KEYS];
+    memset(line, 0, sizeof line);
+    return recipe_check(r, line, "recipe", err);
+}

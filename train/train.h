@@ -273,8 +273,12 @@ void recipe_defaults(recipe *r);
 // and ranges are checked; errors name file:line.
 int recipe_parse(recipe *r, const char *yaml, size_t len, const char *name, q_err *err);
 int recipe_load(recipe *r, const char *path, q_err *err);
-// One "key=value" override from the command line (same checks).
+// One "key=value" override from the command line (same per-key checks; the
+// checks across keys wait for recipe_validate, so overrides may come in any order).
 int recipe_override(recipe *r, const char *assignment, q_err *err);
+// The checks across keys (warmup_steps vs warmup_ratio, epochs/max_steps, a
+// format's fields, ...). recipe_parse runs them; call after overrides.
+int recipe_validate(recipe *r, q_err *err);
 // The resolved recipe as YAML (every key, grouped), parseable by recipe_parse.
 int recipe_write_yaml(const recipe *r, q_buf *out);
 // The key table as documentation (key, type, default, meaning), for --help.
