@@ -9,6 +9,7 @@
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -288,6 +289,39 @@ int q_file_write_atomic(const char *path, const void *data, size_t size, q_err *
     }
     fsync_dir_of(path);  // best effort: the data itself is already durable
     return 0;
+}
+
+int q_file_map(const char *path, const uint8_t **map, size_t *size, q_err *err) {
+    *map = NULL;
+    *size = 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return q_err_set(err, "%s: cannot open: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        int e = errno;
+        close(fd);
+        return q_err_set(err, "%s: cannot stat: %s", path, strerror(e));
+    }
+    if (!S_ISREG(st.st_mode)) {
+        close(fd);
+        return q_err_set(err, "%s: not a regular file", path);
+    }
+    if (st.st_size > 0) {  // an empty file fails its format's checks; mmap of 0 bytes would fail first
+        void *m = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+        if (m == MAP_FAILED) {
+            int e = errno;
+            close(fd);
+            return q_err_set(err, "%s: cannot mmap: %s", path, strerror(e));
+        }
+        *map = m;
+    }
+    close(fd);  // the mapping keeps the file alive
+    *size = (size_t)st.st_size;
+    return 0;
+}
+
+void q_file_unmap(const uint8_t *map, size_t size) {
+    if (map && size) munmap((void *)map, size);
 }
 
 bool q_path_is_dir(const char *path) {

@@ -104,6 +104,9 @@ int q_file_read(const char *path, char **data, size_t *size, q_err *err);
 // Writes atomically: PATH.tmp, fsync, rename, fsync of the folder. A crash
 // leaves either the old file or the new one, never a torn one.
 int q_file_write_atomic(const char *path, const void *data, size_t size, q_err *err);
+// Maps a whole regular file read-only (size 0: *map NULL). Errors name the file.
+int q_file_map(const char *path, const uint8_t **map, size_t *size, q_err *err);
+void q_file_unmap(const uint8_t *map, size_t size);
 // Fault injection for the crash tests: true when $QLORA_FAULT_KILL_WRITE is a
 // substring of path; the atomic writers then kill the process (SIGKILL)
 // halfway through the temporary file, as a power cut or an OOM kill would.

@@ -345,30 +345,7 @@ done:
 
 int q_gguf_open(q_gguf *g, const char *path, q_err *err) {
     memset(g, 0, sizeof *g);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return q_err_set(err, "%s: cannot open: %s", path, strerror(errno));
-    struct stat st;
-    if (fstat(fd, &st) != 0) {
-        int e = errno;
-        close(fd);
-        return q_err_set(err, "%s: cannot stat: %s", path, strerror(e));
-    }
-    if (!S_ISREG(st.st_mode)) {
-        close(fd);
-        return q_err_set(err, "%s: not a regular file", path);
-    }
-    const size_t size = (size_t)st.st_size;
-    if (size > 0) {  // an empty file fails on its magic; mmap of 0 bytes would fail first
-        void *map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
-        if (map == MAP_FAILED) {
-            int e = errno;
-            close(fd);
-            return q_err_set(err, "%s: cannot mmap: %s", path, strerror(e));
-        }
-        g->map = map;
-    }
-    close(fd);  // the mapping keeps the file alive
-    g->map_size = size;
+    if (q_file_map(path, &g->map, &g->map_size, err)) return -1;
     g->path = strdup(path);
     q_err e;
     if (!g->path || parse(g, &e)) {
@@ -380,7 +357,7 @@ int q_gguf_open(q_gguf *g, const char *path, q_err *err) {
 }
 
 void q_gguf_close(q_gguf *g) {
-    if (g->map) munmap((void *)g->map, g->map_size);
+    q_file_unmap(g->map, g->map_size);
     for (size_t i = 0; i < g->n_kv; i++) free(g->kv[i].key);
     for (size_t i = 0; i < g->n_tensors; i++) free(g->tensors[i].name);
     free(g->kv);

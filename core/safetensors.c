@@ -245,31 +245,8 @@ static int finish_open(q_st_file *f, const char *name, q_err *err) {
 
 int q_st_open(q_st_file *f, const char *path, q_err *err) {
     memset(f, 0, sizeof *f);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return q_err_set(err, "%s: cannot open: %s", path, strerror(errno));
-    struct stat st;
-    if (fstat(fd, &st) != 0) {
-        int e = errno;
-        close(fd);
-        return q_err_set(err, "%s: cannot stat: %s", path, strerror(e));
-    }
-    if (!S_ISREG(st.st_mode)) {
-        close(fd);
-        return q_err_set(err, "%s: not a regular file", path);
-    }
-    size_t size = (size_t)st.st_size;
-    if (size >= 8) {  // shorter files fail validation; mmap of 0 bytes would fail first
-        void *map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
-        if (map == MAP_FAILED) {
-            int e = errno;
-            close(fd);
-            return q_err_set(err, "%s: cannot mmap: %s", path, strerror(e));
-        }
-        f->map = map;
-        f->owns_map = true;
-    }
-    close(fd);  // the mapping keeps the file alive
-    f->map_size = size;
+    if (q_file_map(path, &f->map, &f->map_size, err)) return -1;
+    f->owns_map = true;
     f->path = strdup(path);
     return finish_open(f, path, err);
 }
@@ -283,7 +260,7 @@ int q_st_open_memory(q_st_file *f, const void *data, size_t size, const char *na
 }
 
 void q_st_close(q_st_file *f) {
-    if (f->owns_map && f->map) munmap((void *)f->map, f->map_size);
+    if (f->owns_map) q_file_unmap(f->map, f->map_size);
     for (size_t i = 0; i < f->n_tensors; i++) free(f->tensors[i].name);
     for (size_t i = 0; i < f->n_meta; i++) {
         free(f->meta_keys[i]);

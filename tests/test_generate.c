@@ -71,17 +71,6 @@ static float *forward_logits(const model *m, const lora *l, const int32_t *ids32
     return logits;
 }
 
-static double rel_err(const float *x, const float *ref, int64_t n) {
-    double num = 0, den = 0;
-    for (int64_t i = 0; i < n; i++) {
-        if (!isfinite(x[i])) return INFINITY;
-        const double d = (double)x[i] - (double)ref[i];
-        num += d * d;
-        den += (double)ref[i] * (double)ref[i];
-    }
-    return den > 0 ? sqrt(num / den) : sqrt(num);
-}
-
 static float row_absmax(const float *x, int64_t V) {
     float a = 0;
     for (int64_t i = 0; i < V; i++) a = fabsf(x[i]) > a ? fabsf(x[i]) : a;
@@ -195,7 +184,7 @@ static void logits_vs_forward(const char *name) {
         for (int k = 0; k < 2; k++) {
             TEST_OK(gen_forward_logits(&m, lp, ids, T, prefills[k], got, &err), &err);
             for (int64_t t = 0; t < T; t++) {
-                const double e = rel_err(got + t * V, ref + t * V, V);
+                const double e = test_rel_err(got + t * V, ref + t * V, V);
                 CU_ASSERT(e <= LOGITS_RTOL);
                 worst[k] = e > worst[k] || isnan(e) ? e : worst[k];
             }

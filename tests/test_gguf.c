@@ -44,17 +44,6 @@ static const char *model_path(const char *sub) {
     return path;
 }
 
-static double rel_err(const float *x, const float *ref, int64_t n) {
-    double num = 0, den = 0;
-    for (int64_t i = 0; i < n; i++) {
-        if (!isfinite(x[i])) return INFINITY;
-        const double d = (double)x[i] - (double)ref[i];
-        num += d * d;
-        den += (double)ref[i] * (double)ref[i];
-    }
-    return den > 0 ? sqrt(num / den) : sqrt(num);
-}
-
 static bool contains(const char *msg, const char *want) {
     if (strstr(msg, want)) return true;
     fprintf(stderr, "\n  error \"%s\" lacks \"%s\"", msg, want);
@@ -323,7 +312,7 @@ static void test_f32_equals_safetensors(void) {
     float *r = malloc((size_t)(N * V) * 4), loss_ref;
     memcpy(r, ref->data, (size_t)(N * V) * 4);
     memcpy(&loss_ref, loss->data, 4);
-    const double e = rel_err(lg, r, N * V), el = fabs(rg.loss - loss_ref) / fabs(loss_ref);
+    const double e = test_rel_err(lg, r, N * V), el = fabs(rg.loss - loss_ref) / fabs(loss_ref);
     CU_ASSERT(e < LOADQ_LOGITS_RTOL);
     CU_ASSERT(el < LOADQ_LOGITS_RTOL);
     printf("\n    F32 GGUF == safetensors load (fp32 arrays, %d NF4 linears, inv_freq, logits); vs torch: logits rel "
@@ -476,7 +465,7 @@ static void test_quantized_files(void) {
             }
         CU_ASSERT_EQUAL(rows_differ, 0);
         CU_ASSERT_EQUAL(same, c->n_layers * LIN_COUNT);
-        const double err_logits = rel_err(l, lf, n);
+        const double err_logits = test_rel_err(l, lf, n);
         CU_ASSERT(err_logits < files[k].tol);
         printf("\n    %-20s rows == gguf-py's quantization of HF, model == HF round-tripped (%d linears); "
                "%.1f%% NF4 codes as from F32; logits rel %.2f vs the F32 file (bound %.2f), loss %.4f (F32 %.4f) ",

@@ -31,17 +31,6 @@
 #define LOADQ_LOGITS_RTOL 1e-3
 #define LOADQ_GRAD_RTOL 2e-3
 
-static double rel_err(const float *x, const float *ref, int64_t n) {
-    double num = 0, den = 0;
-    for (int64_t i = 0; i < n; i++) {
-        if (!isfinite(x[i])) return INFINITY;  // NaN never passes
-        const double d = (double)x[i] - (double)ref[i];
-        num += d * d;
-        den += (double)ref[i] * (double)ref[i];
-    }
-    return den > 0 ? sqrt(num / den) : sqrt(num);
-}
-
 static float *tensor_copy_f32(const q_st_tensor *t) {
     float *x = malloc((size_t)t->numel * sizeof *x);
     if (x) memcpy(x, t->data, (size_t)t->numel * sizeof *x);
@@ -70,7 +59,7 @@ static double compare_grads(const lora *l, const q_st_file *expected, int *n_com
                 const int64_t n = w ? a->out * a->r : a->r * a->in;
                 CU_ASSERT_EQUAL_FATAL(ref->numel, n);
                 float *r = tensor_copy_f32(ref);
-                const double e = rel_err(w ? a->dB : a->dA, r, n);
+                const double e = test_rel_err(w ? a->dB : a->dA, r, n);
                 free(r);
                 if (e > worst || isnan(e)) worst = e;
                 (*n_compared)++;
@@ -103,7 +92,7 @@ static void check_golden(const char *name, const char *weights_sub, double logit
 
     model_step_result fr, sr;
     TEST_OK(model_forward(&m, &l, &b, logits, &fr, &err), &err);
-    const double e_logits = rel_err(logits, ref, b.N * m.cfg.vocab);
+    const double e_logits = test_rel_err(logits, ref, b.N * m.cfg.vocab);
     const double e_loss = fabs(fr.loss - loss_ref) / fabs(loss_ref);
     CU_ASSERT(e_logits < logits_rtol);
     CU_ASSERT(e_loss < logits_rtol);
@@ -417,7 +406,7 @@ static void test_step_command(void) {
         CU_ASSERT_PTR_NOT_NULL_FATAL(g);
         CU_ASSERT_EQUAL_FATAL(g->numel, e->numel);
         float *gx = tensor_copy_f32(g), *ex = tensor_copy_f32(e);
-        const double r = rel_err(gx, ex, e->numel);
+        const double r = test_rel_err(gx, ex, e->numel);
         worst = r > worst ? r : worst;
         compared++;
         free(gx), free(ex);

@@ -46,6 +46,17 @@ float test_normal(uint64_t *state) {
     return sqrtf(-2.0f * logf(u1)) * cosf(6.2831853f * u2);
 }
 
+double test_rel_err(const float *x, const float *ref, int64_t n) {
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (!isfinite(x[i])) return INFINITY;
+        const double d = (double)x[i] - (double)ref[i];
+        num += d * d;
+        den += (double)ref[i] * (double)ref[i];
+    }
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
 int test_main(void) {
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();

@@ -18,6 +18,10 @@ void test_fill_uniform(float *x, size_t n, float lo, float hi, uint64_t *state);
 // A standard normal sample (Box-Muller) from the same generator.
 float test_normal(uint64_t *state);
 
+// Normwise relative error ||x - ref|| / ||ref|| in double (absolute when ref
+// is zero); any non-finite x gives infinity, so NaN never passes.
+double test_rel_err(const float *x, const float *ref, int64_t n);
+
 // Runs the registered suites in verbose mode; returns the process exit code
 // (non-zero when any assertion failed or CUnit itself failed).
 int test_main(void);

@@ -354,7 +354,7 @@ static void write_loss_svg(const trainer *t) {
         if (isfinite(t->val_loss[i])) lo = fmin(lo, t->val_loss[i]), hi = fmax(hi, t->val_loss[i]);
     if (!isfinite(lo)) return;
     if (hi - lo < 1e-6) hi = lo + 1;
-    const double W = 720, H = 400, x0 = 60, y0 = 20, pw = W - 80, ph = H - 70;
+    const double W = 720, H = 410, x0 = 60, y0 = 30, pw = W - 80, ph = H - 80;
     const double xmax = t->total_steps > 1 ? (double)t->total_steps : 2;
 #define SX(s) (x0 + pw * (double)(s) / xmax)
 #define SY(v) (y0 + ph * (1 - ((v) - lo) / (hi - lo)))
@@ -380,7 +380,7 @@ static void write_loss_svg(const trainer *t) {
                          SY(t->val_loss[i]));
     q_buf_printf(&b, "<text x=\"%.0f\" y=\"%.0f\" fill=\"#1f77b4\">train loss</text>"
                      "<text x=\"%.0f\" y=\"%.0f\" fill=\"#d62728\">validation loss</text>\n</svg>\n",
-                 x0 + 10, y0 + 16, x0 + 100, y0 + 16);
+                 x0, y0 - 10, x0 + 90, y0 - 10);
 #undef SX
 #undef SY
     if (b.data) q_file_write_atomic(path, b.data, b.len, &err);
