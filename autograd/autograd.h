@@ -4,8 +4,8 @@
 //
 // Two layers:
 //   1. kernels (ag_*_forward / ag_*_backward): plain functions over fp32
-//      arrays, row-major, no tape (attention mallocs its per-thread score
-//      rows; nothing else allocates). This is the CPU reference
+//      arrays, row-major, no tape (attention mallocs its per-call block
+//      buffers; nothing else allocates). This is the CPU reference
 //      every CUDA kernel is tested against. Backward kernels ACCUMULATE into
 //      their gradient outputs (+=), so residual branches, shared inputs and
 //      gradient accumulation need no extra copies.
@@ -114,9 +114,11 @@ void ag_rope_inv_freq(float *inv_freq, int64_t hd, double theta, const ag_rope_s
 // Causal grouped-query attention over packed documents. Query token n attends
 // keys j in [start[n], n]: start[n] is the index of the first token of n's
 // document (rows of a batch are documents too). Query head h reads key/value
-// head h / (H / Hkv); H % Hkv == 0. Scores are scaled by 1/sqrt(hd). The
-// backward runs one task per (document, kv head) when documents are
-// contiguous runs (as batches make them), one per kv head otherwise.
+// head h / (H / Hkv); H % Hkv == 0. Scores are scaled by 1/sqrt(hd).
+// Documents of 8+ tokens that are contiguous runs (as batches make them) go
+// through GEMMs per (document, kv head, 64-query block), never holding more
+// than a block's scores; shorter documents and non-contiguous start[] use a
+// per-token scalar path.
 //   q[N,H,hd], k[N,Hkv,hd], v[N,Hkv,hd] -> out[N,H,hd], lse[N,H] (log-sum-exp of
 //   the scaled scores, kept so the backward recomputes the probabilities).
 void ag_attention_forward(float *out, float *lse, const float *q, const float *k, const float *v,

@@ -10,8 +10,8 @@
 // may not. ag_gemm is only ever called outside parallel regions: OpenBLAS
 // has its own threads.
 //
-// Allocation: attention takes per-call work buffers (a row of scores per
-// thread, the list of documents); every other kernel works in its arguments.
+// Allocation: attention takes per-call work buffers (a block of scores, the
+// list of documents); every other kernel works in its arguments.
 //
 // The build uses -ffp-contract=off and no -ffast-math, so a plain float sum
 // does not vectorize; the dot products below accumulate into LANES
@@ -336,23 +336,154 @@ void ag_rope_inv_freq(float *inv_freq, int64_t hd, double theta, const ag_rope_s
 
 // ----------------------------------------------------------------------------
 // attention: causal GQA over packed documents
+//
+// Packed documents (contiguous runs of tokens, as batches make them) run as
+// matrices. Per document, key/value head g and block of up to ATTN_QB
+// queries, the G = H/Hkv query heads of the group are gathered into one
+// [G*B, hd] matrix (row hh*B + i is head hh of query i), so one GEMM scores
+// them all against the document's keys up to the block's last query:
+//   S[G*B, Lk] = scale Q K^T,  P = softmax(S) under the causal mask,  O = P V.
+// A block keeps G*B*Lk scores, never N x N. The GEMMs run outside parallel
+// regions (OpenBLAS has its own threads); the row-wise softmax loops are
+// split over OpenMP threads, a row per thread, so every element is computed
+// by one thread in a fixed order.
+//
+// Documents shorter than ATTN_GEMM_MIN tokens, and every token when start[]
+// is not a set of contiguous documents (a query reaching into an earlier
+// run), take the scalar path instead: per token and kv head, dot products.
+// Tiny GEMMs cost more in calls than they save.
+
+enum {
+    ATTN_QB = 64,        // queries per block: G*64 rows of scores stay in L2 for documents of ~1k tokens
+    ATTN_GEMM_MIN = 8,   // shortest document for the GEMM path (measured: the backward wins from 8 tokens,
+                         // the forward breaks even there; 1-4 token documents are 4-10x faster scalar)
+};
 
 // Scores are (q . k) * scale, as HF's eager path (matmul, then the scaling).
 static float attn_scale(int64_t hd) { return (float)(1.0 / sqrt((double)hd)); }
 
-// One task per (query token n, key/value head g): the G = H/Hkv query heads
-// of the group share each key and value row while it is in cache. A task
-// owns out/lse of its heads, so tasks never conflict; the schedule is
-// dynamic (rows grow with n) and cannot change any value.
-void ag_attention_forward(float *out, float *lse, const float *q, const float *k, const float *v,
-                          const int32_t *start, int64_t N, int64_t H, int64_t Hkv, int64_t hd) {
-    const int64_t G = H / Hkv;
+// Tokens [b, e) that no query outside them reaches.
+typedef struct attn_span {
+    int64_t b, e;
+} attn_span;
+
+// The plan of a call: spans for the scalar path (small[nsmall]), spans for
+// the GEMM path (big[nbig]) and the scalar path's tokens (tok[ntok], in
+// order). Documents are maximal runs where start[n] == n opens one and later
+// tokens repeat it; any other start[] makes all tokens one scalar span.
+typedef struct attn_plan {
+    attn_span *small, *big;
+    int64_t nsmall, nbig, *tok, ntok, longest;  // longest: of the big spans
+} attn_plan;
+
+static attn_plan attn_plan_make(const int32_t *start, int64_t N) {
+    attn_plan p = {.small = xmalloc((size_t)(N + 1) * sizeof(attn_span)),
+                   .big = xmalloc((size_t)(N + 1) * sizeof(attn_span)),
+                   .tok = xmalloc((size_t)(N + 1) * sizeof(int64_t))};
+    bool packed = N > 0 && start[0] == 0;
+    for (int64_t n = 1; n < N && packed; n++) packed = start[n] == n || start[n] == start[n - 1];
+    if (!packed) {
+        p.small[p.nsmall++] = (attn_span){0, N};
+        for (int64_t n = 0; n < N; n++) p.tok[p.ntok++] = n;
+        return p;
+    }
+    for (int64_t b = 0, e = 1; b < N; b = e++) {
+        while (e < N && start[e] == b) e++;  // [b, e): one document
+        if (e - b >= ATTN_GEMM_MIN) {
+            p.big[p.nbig++] = (attn_span){b, e};
+            p.longest = e - b > p.longest ? e - b : p.longest;
+        } else {
+            p.small[p.nsmall++] = (attn_span){b, e};
+            for (int64_t n = b; n < e; n++) p.tok[p.ntok++] = n;
+        }
+    }
+    return p;
+}
+
+static void attn_plan_free(attn_plan *p) {
+    free(p->small);
+    free(p->big);
+    free(p->tok);
+}
+
+// sum_i x[i] in double, over LANES partial sums in a fixed order
+static inline double sum_f64(const float *restrict x, int64_t n) {
+    double acc[LANES] = {0};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int l = 0; l < LANES; l++) acc[l] += x[i + l];
+    for (int l = 0; i < n; i++, l++) acc[l] += x[i];
+    for (int w = LANES / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; l++) acc[l] += acc[l + w];
+    return acc[0];
+}
+
+// max_i x[i] (n >= 1); the order cannot change a maximum
+static inline float max_f32(const float *restrict x, int64_t n) {
+    float acc[LANES];
+    for (int l = 0; l < LANES; l++) acc[l] = x[0];
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int l = 0; l < LANES; l++) acc[l] = x[i + l] > acc[l] ? x[i + l] : acc[l];
+    for (int l = 0; i < n; i++, l++) acc[l] = x[i] > acc[l] ? x[i] : acc[l];
+    float m = acc[0];
+    for (int l = 1; l < LANES; l++) m = acc[l] > m ? acc[l] : m;
+    return m;
+}
+
+// row[0, len) <- softmax(row[0, len)), row[len, Lk) <- 0 (the causal mask);
+// returns the log-sum-exp. The maximum is subtracted, the sum is in double.
+static float softmax_row(float *restrict row, int64_t len, int64_t Lk) {
+    const float m = max_f32(row, len);
+    for (int64_t j = 0; j < len; j++) row[j] = expf(row[j] - m);
+    const double sum = sum_f64(row, len);
+    const float inv = (float)(1.0 / sum);
+    for (int64_t j = 0; j < len; j++) row[j] *= inv;
+    for (int64_t j = len; j < Lk; j++) row[j] = 0.0f;
+    return m + (float)log(sum);
+}
+
+// dst[hh*B + i, :] = src[(n0 + i)*H + g*G + hh, :]: a group's heads of B
+// tokens as one matrix [G*B, hd]
+static void attn_gather(float *dst, const float *src, int64_t n0, int64_t B, int64_t g, int64_t G, int64_t H,
+                        int64_t hd) {
+    for (int64_t hh = 0; hh < G; hh++)
+        for (int64_t i = 0; i < B; i++)
+            memcpy(dst + (hh * B + i) * hd, src + ((n0 + i) * H + g * G + hh) * hd, (size_t)hd * sizeof(float));
+}
+
+// The inverse of attn_gather, adding (accumulate) or copying.
+static void attn_scatter(float *dst, const float *src, bool accumulate, int64_t n0, int64_t B, int64_t g, int64_t G,
+                         int64_t H, int64_t hd) {
+    for (int64_t hh = 0; hh < G; hh++)
+        for (int64_t i = 0; i < B; i++) {
+            float *d = dst + ((n0 + i) * H + g * G + hh) * hd;
+            const float *s = src + (hh * B + i) * hd;
+            if (accumulate)
+                for (int64_t c = 0; c < hd; c++) d[c] += s[c];
+            else
+                memcpy(d, s, (size_t)hd * sizeof(float));
+        }
+}
+
+// A row of G*B rows x Lk scores is worth a parallel region sooner than the
+// other kernels' loops: each score costs an expf.
+static bool attn_par(int64_t R, int64_t Lk) { return R * Lk * 8 >= PAR_MIN_WORK; }
+
+// The scalar forward of the plan's tokens: one task per (query token n, kv
+// head g), the group's G heads sharing each key and value row while it is
+// in cache. A task owns out/lse of its heads; the dynamic schedule changes
+// no value.
+static void attn_forward_scalar(float *out, float *lse, const float *q, const float *k, const float *v,
+                                const int32_t *start, const attn_plan *p, int64_t N, int64_t H, int64_t Hkv,
+                                int64_t hd) {
+    const int64_t G = H / Hkv, T = p->ntok;
     const float scale = attn_scale(hd);
     float *scores = xmalloc((size_t)max_threads() * (size_t)(G * N) * sizeof(float));  // per thread [G, <= N]
 
-#pragma omp parallel for schedule(dynamic, 16) if (N * N * H * hd >= PAR_MIN_WORK)
-    for (int64_t t = 0; t < N * Hkv; t++) {
-        const int64_t n = t / Hkv, g = t % Hkv;
+#pragma omp parallel for schedule(dynamic, 16) if (T * T * H * hd >= PAR_MIN_WORK)
+    for (int64_t t = 0; t < T * Hkv; t++) {
+        const int64_t n = p->tok[t / Hkv], g = t % Hkv;
         const int64_t j0 = start[n], L = n - j0 + 1;
         float *sc = scores + (int64_t)thread_id() * G * N;  // [G, L]
         const float *qn = q + (n * H + g * G) * hd;          // the group's G heads are adjacent
@@ -362,20 +493,7 @@ void ag_attention_forward(float *out, float *lse, const float *q, const float *k
             const float *kj = k + ((j0 + j) * Hkv + g) * hd;
             for (int64_t hh = 0; hh < G; hh++) sc[hh * L + j] = dot_f32(qn + hh * hd, kj, hd) * scale;
         }
-        // softmax per head; the sum of exponentials in double, the row stays fp32
-        for (int64_t hh = 0; hh < G; hh++) {
-            float *row = sc + hh * L;
-            float m = -INFINITY;
-            for (int64_t j = 0; j < L; j++) m = row[j] > m ? row[j] : m;
-            double sum = 0;
-            for (int64_t j = 0; j < L; j++) {
-                row[j] = expf(row[j] - m);
-                sum += row[j];
-            }
-            const float inv = (float)(1.0 / sum);
-            for (int64_t j = 0; j < L; j++) row[j] *= inv;
-            lse[n * H + g * G + hh] = m + (float)log(sum);
-        }
+        for (int64_t hh = 0; hh < G; hh++) lse[n * H + g * G + hh] = softmax_row(sc + hh * L, L, L);
         // out[h] = sum_j P[h,j] v_j
         memset(on, 0, (size_t)(G * hd) * sizeof(float));
         for (int64_t j = 0; j < L; j++) {
@@ -386,43 +504,57 @@ void ag_attention_forward(float *out, float *lse, const float *q, const float *k
     free(scores);
 }
 
-// Backward, one pass: with P = exp(s - lse), dP = dout . v, D = dout . out,
-// dS = P (dP - D):  dq += scale dS k,  dk += scale dS^T q,  dv += P^T dout.
-// dk/dv of key j collect from every later query of its document, so a task
-// is (document, key/value head): it owns dq of the document's queries in
-// the group's heads and dk/dv of the document's keys in head g, and walks
-// the queries in order. No races, and the accumulation order is fixed.
-void ag_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
-                           const float *v, const float *out, const float *lse, const int32_t *start, int64_t N,
-                           int64_t H, int64_t Hkv, int64_t hd) {
-    const int64_t G = H / Hkv;
+void ag_attention_forward(float *out, float *lse, const float *q, const float *k, const float *v,
+                          const int32_t *start, int64_t N, int64_t H, int64_t Hkv, int64_t hd) {
+    attn_plan p = attn_plan_make(start, N);
+    if (p.ntok) attn_forward_scalar(out, lse, q, k, v, start, &p, N, H, Hkv, hd);
+
+    const int64_t G = H / Hkv, KV = Hkv * hd, QB = p.longest < ATTN_QB ? p.longest : ATTN_QB;
     const float scale = attn_scale(hd);
-
-    // Documents: maximal runs where start[n] == n opens one and later tokens
-    // repeat it. Any other start[] (a query reaching into an earlier run)
-    // makes the whole batch one task per head: slower, still exact.
-    int64_t *seg = xmalloc((size_t)(N + 1) * sizeof *seg), nseg = 0;
-    bool packed = true;
-    for (int64_t n = 0; n < N; n++) {
-        if (start[n] == n)
-            seg[nseg++] = n;
-        else if (n == 0 || start[n] != start[n - 1])
-            packed = false;
+    float *qb = xmalloc((size_t)(G * QB * hd) * sizeof(float));        // [G*B, hd] queries, then outputs
+    float *S = xmalloc((size_t)(G * QB * p.longest) * sizeof(float));  // [G*B, Lk] scores, then probabilities
+    for (int64_t s = 0; s < p.nbig; s++) {
+        const int64_t d0 = p.big[s].b, L = p.big[s].e - d0;
+        for (int64_t g = 0; g < Hkv; g++) {
+            const float *kd = k + (d0 * Hkv + g) * hd, *vd = v + (d0 * Hkv + g) * hd;  // [L, hd], stride KV
+            for (int64_t b0 = 0; b0 < L; b0 += QB) {
+                const int64_t B = L - b0 < QB ? L - b0 : QB, Lk = b0 + B, R = G * B;
+                attn_gather(qb, q, d0 + b0, B, g, G, H, hd);
+                ag_gemm(false, true, R, Lk, hd, scale, qb, hd, kd, KV, 0.0f, S, Lk);
+#pragma omp parallel for schedule(static) if (attn_par(R, Lk))
+                for (int64_t r = 0; r < R; r++) {
+                    const int64_t hh = r / B, i = r % B;
+                    lse[(d0 + b0 + i) * H + g * G + hh] = softmax_row(S + r * Lk, b0 + i + 1, Lk);
+                }
+                ag_gemm(false, false, R, hd, Lk, 1.0f, S, Lk, vd, KV, 0.0f, qb, hd);
+                attn_scatter(out, qb, false, d0 + b0, B, g, G, H, hd);
+            }
+        }
     }
-    if (!packed || nseg == 0) {
-        nseg = 1;
-        seg[0] = 0;
-    }
-    seg[nseg] = N;
+    free(S);
+    free(qb);
+    attn_plan_free(&p);
+}
 
+// The scalar backward of the plan's small spans: one task per (span, kv
+// head), which owns dq of the span's queries in the group's heads and dk/dv
+// of its keys in head g, and walks the queries in order: no races, a fixed
+// accumulation order. With P = exp(s - lse), dP = dout . v, D = dout . out,
+// dS = P (dP - D):  dq += scale dS k,  dk += scale dS^T q,  dv += P^T dout.
+static void attn_backward_scalar(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
+                                 const float *v, const float *out, const float *lse, const int32_t *start,
+                                 const attn_plan *p, int64_t H, int64_t Hkv, int64_t hd) {
+    const int64_t G = H / Hkv, T = p->ntok;
+    const float scale = attn_scale(hd);
     const int64_t per_thread = G * hd + G;  // dq accumulators [G, hd], D [G]
     float *work = xmalloc((size_t)max_threads() * (size_t)per_thread * sizeof(float));
 
-#pragma omp parallel for schedule(dynamic, 1) if (N * N * H * hd >= PAR_MIN_WORK)
-    for (int64_t t = 0; t < nseg * Hkv; t++) {
-        const int64_t sg = t / Hkv, g = t % Hkv;
+#pragma omp parallel for schedule(dynamic, 1) if (T * T * H * hd >= PAR_MIN_WORK)
+    for (int64_t t = 0; t < p->nsmall * Hkv; t++) {
+        const attn_span sp = p->small[t / Hkv];
+        const int64_t g = t % Hkv;
         float *acc = work + (int64_t)thread_id() * per_thread, *Drow = acc + G * hd;
-        for (int64_t n = seg[sg]; n < seg[sg + 1]; n++) {
+        for (int64_t n = sp.b; n < sp.e; n++) {
             const int64_t base = (n * H + g * G) * hd;
             const float *qn = q + base, *don = dout + base, *ln = lse + n * H + g * G;
             for (int64_t hh = 0; hh < G; hh++) Drow[hh] = dot_f32(don + hh * hd, out + base + hh * hd, hd);
@@ -433,18 +565,64 @@ void ag_attention_backward(float *dq, float *dk, float *dv, const float *dout, c
                 float *dkj = dk + kv, *dvj = dv + kv;
                 for (int64_t hh = 0; hh < G; hh++) {
                     const float *qh = qn + hh * hd, *doh = don + hh * hd;
-                    const float p = expf(dot_f32(qh, kj, hd) * scale - ln[hh]);  // the forward's score, bit for bit
-                    const float ds = p * (dot_f32(doh, vj, hd) - Drow[hh]);
+                    const float pr = expf(dot_f32(qh, kj, hd) * scale - ln[hh]);  // the forward's score, bit for bit
+                    const float ds = pr * (dot_f32(doh, vj, hd) - Drow[hh]);
                     axpy_f32(acc + hh * hd, ds, kj, hd);
                     axpy_f32(dkj, scale * ds, qh, hd);
-                    axpy_f32(dvj, p, doh, hd);
+                    axpy_f32(dvj, pr, doh, hd);
                 }
             }
             for (int64_t hh = 0; hh < G; hh++) axpy_f32(dq + base + hh * hd, scale, acc + hh * hd, hd);
         }
     }
     free(work);
-    free(seg);
+}
+
+// The GEMM backward, per (document, kv head, query block) as the forward:
+// P = exp(scale Q K^T - lse) recomputed, dP = dO V^T, D_i = dO_i . O_i,
+// dS = P (dP - D);  dq += scale dS K,  dk += scale dS^T Q,  dv += P^T dO.
+// dk/dv of a document's keys collect from its query blocks in order (GEMMs
+// with beta 1), so the accumulation order is fixed.
+void ag_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
+                           const float *v, const float *out, const float *lse, const int32_t *start, int64_t N,
+                           int64_t H, int64_t Hkv, int64_t hd) {
+    attn_plan p = attn_plan_make(start, N);
+    if (p.nsmall) attn_backward_scalar(dq, dk, dv, dout, q, k, v, out, lse, start, &p, H, Hkv, hd);
+
+    const int64_t G = H / Hkv, KV = Hkv * hd, QB = p.longest < ATTN_QB ? p.longest : ATTN_QB, Lmax = p.longest;
+    const float scale = attn_scale(hd);
+    float *qb = xmalloc((size_t)(3 * G * QB * hd) * sizeof(float));  // queries, dout, dq [G*B, hd] each
+    float *dob = qb + G * QB * hd, *dqb = dob + G * QB * hd;
+    float *P = xmalloc((size_t)(2 * G * QB * Lmax) * sizeof(float)), *dS = P + G * QB * Lmax;  // [G*B, Lk] each
+    for (int64_t s = 0; s < p.nbig; s++) {
+        const int64_t d0 = p.big[s].b, L = p.big[s].e - d0;
+        for (int64_t g = 0; g < Hkv; g++) {
+            const int64_t kv0 = (d0 * Hkv + g) * hd;  // the document's keys and values [L, hd], stride KV
+            for (int64_t b0 = 0; b0 < L; b0 += QB) {
+                const int64_t B = L - b0 < QB ? L - b0 : QB, Lk = b0 + B, R = G * B;
+                attn_gather(qb, q, d0 + b0, B, g, G, H, hd);
+                attn_gather(dob, dout, d0 + b0, B, g, G, H, hd);
+                ag_gemm(false, true, R, Lk, hd, scale, qb, hd, k + kv0, KV, 0.0f, P, Lk);
+                ag_gemm(false, true, R, Lk, hd, 1.0f, dob, hd, v + kv0, KV, 0.0f, dS, Lk);
+#pragma omp parallel for schedule(static) if (attn_par(R, Lk))
+                for (int64_t r = 0; r < R; r++) {
+                    const int64_t hh = r / B, i = r % B, len = b0 + i + 1, h = (d0 + b0 + i) * H + g * G + hh;
+                    const float D = dot_f32(dob + r * hd, out + h * hd, hd), l = lse[h];
+                    float *restrict pr = P + r * Lk, *restrict ds = dS + r * Lk;
+                    for (int64_t j = 0; j < len; j++) pr[j] = expf(pr[j] - l);
+                    for (int64_t j = 0; j < len; j++) ds[j] = pr[j] * (ds[j] - D);
+                    for (int64_t j = len; j < Lk; j++) pr[j] = ds[j] = 0.0f;
+                }
+                ag_gemm(true, false, Lk, hd, R, 1.0f, P, Lk, dob, hd, 1.0f, dv + kv0, KV);
+                ag_gemm(true, false, Lk, hd, R, scale, dS, Lk, qb, hd, 1.0f, dk + kv0, KV);
+                ag_gemm(false, false, R, hd, Lk, scale, dS, Lk, k + kv0, KV, 0.0f, dqb, hd);
+                attn_scatter(dq, dqb, true, d0 + b0, B, g, G, H, hd);
+            }
+        }
+    }
+    free(P);
+    free(qb);
+    attn_plan_free(&p);
 }
 
 // ----------------------------------------------------------------------------

@@ -920,6 +920,81 @@ static void test_thread_count(void) {
 #endif
 }
 
+// The GEMM path at the model's shape (SmolLM2: H 9, Hkv 3, hd 64): a
+// 5-token document (the scalar path) then a 295-token one (query blocks of
+// 64 and a ragged tail), forward and backward against a double reference.
+// dq, dk, dv by the softmax's chain rule: p = exp(s - lse), D = sum_j p dP,
+// ds = p (dP - D), dq = ds k / sqrt(hd), dk = ds q / sqrt(hd), dv = p dout.
+static void attn_ref_backward(const attn_ctx *c, const double *lse, const float *dout, double *dq, double *dk,
+                              double *dv) {
+    const int64_t N = c->N, H = c->H, Hkv = c->Hkv, hd = c->hd;
+    const double rs = 1.0 / sqrt((double)hd);
+    double *p = malloc(N * sizeof *p), *dp = malloc(N * sizeof *dp);
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t h = 0; h < H; h++) {
+            const int64_t g = h / (H / Hkv), j0 = c->start[n];
+            const float *qh = c->q + (n * H + h) * hd, *doh = dout + (n * H + h) * hd;
+            double D = 0;
+            for (int64_t j = j0; j <= n; j++) {
+                const float *kj = c->k + (j * Hkv + g) * hd, *vj = c->v + (j * Hkv + g) * hd;
+                double s = 0, d = 0;
+                for (int64_t i = 0; i < hd; i++) {
+                    s += (double)qh[i] * kj[i];
+                    d += (double)doh[i] * vj[i];
+                }
+                p[j] = exp(s * rs - lse[n * H + h]);
+                dp[j] = d;
+                D += p[j] * d;
+            }
+            for (int64_t j = j0; j <= n; j++) {
+                const double ds = p[j] * (dp[j] - D);
+                for (int64_t i = 0; i < hd; i++) {
+                    dq[(n * H + h) * hd + i] += ds * c->k[(j * Hkv + g) * hd + i] * rs;
+                    dk[(j * Hkv + g) * hd + i] += ds * qh[i] * rs;
+                    dv[(j * Hkv + g) * hd + i] += p[j] * doh[i];
+                }
+            }
+        }
+    free(p);
+    free(dp);
+}
+
+static void test_attention_long(void) {
+    const int64_t N = 300, H = 9, Hkv = 3, hd = 64, nq = N * H * hd, nkv = N * Hkv * hd;
+    int32_t start[300];
+    for (int n = 0; n < N; n++) start[n] = n < 5 ? 0 : 5;
+    attn_ctx c = attn_new(N, H, Hkv, hd, start);
+    attn_loss(&c);
+    double *ref = malloc(nq * sizeof *ref), *lse_ref = malloc(N * H * sizeof *lse_ref);
+    attn_ref(&c, ref, lse_ref);
+    expect_close("attention forward, 5 + 295 tokens", c.out, ref, nq, 1e-6);
+    expect_close("attention lse, 5 + 295 tokens", c.lse, lse_ref, N * H, 1e-6);
+
+    float *dq = zeros(nq), *dk = zeros(nkv), *dv = zeros(nkv);
+    double *rdq = calloc(nq, sizeof *rdq), *rdk = calloc(nkv, sizeof *rdk), *rdv = calloc(nkv, sizeof *rdv);
+    ag_attention_backward(dq, dk, dv, c.R, c.q, c.k, c.v, c.out, c.lse, start, N, H, Hkv, hd);
+    attn_ref_backward(&c, lse_ref, c.R, rdq, rdk, rdv);
+    expect_close("attention dq, 5 + 295 tokens", dq, rdq, nq, 1e-5);
+    expect_close("attention dk, 5 + 295 tokens", dk, rdk, nkv, 1e-5);
+    expect_close("attention dv, 5 + 295 tokens", dv, rdv, nkv, 1e-5);
+    // and it accumulates: from ones, one more than from zeros
+    float *dq1 = filled(nq, 1), *dk1 = filled(nkv, 1), *dv1 = filled(nkv, 1);
+    ag_attention_backward(dq1, dk1, dv1, c.R, c.q, c.k, c.v, c.out, c.lse, start, N, H, Hkv, hd);
+    CU_ASSERT(accumulates(dq, dq1, nq) && accumulates(dk, dk1, nkv) && accumulates(dv, dv1, nkv));
+    free(dq1);
+    free(dk1);
+    free(dv1);
+    free(dq);
+    free(dk);
+    free(dv);
+    free(rdq);
+    free(rdk);
+    free(rdv);
+    free(ref);
+    free(lse_ref);
+    attn_free(&c);
+}
+
 int main(void) {
     if (CU_initialize_registry() != CUE_SUCCESS) return 1;
     CU_pSuite s = CU_add_suite("autograd_kernels", NULL, NULL);
@@ -932,6 +1007,7 @@ int main(void) {
     CU_add_test(s, "attention", test_attention);
     CU_add_test(s, "attention document isolation", test_attention_documents);
     CU_add_test(s, "attention large scores", test_attention_large_scores);
+    CU_add_test(s, "attention long document (GEMM path)", test_attention_long);
     CU_add_test(s, "swiglu", test_swiglu);
     CU_add_test(s, "cross-entropy", test_cross_entropy);
     CU_pSuite p = CU_add_suite("autograd_properties", NULL, NULL);
