@@ -16,7 +16,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 nvcc --version | tail -n 1
 
 command -v cmake >/dev/null || { apt-get update -qq && apt-get install -y -qq cmake >/dev/null; }
-[ -f /usr/include/CUnit/Basic.h ] || { apt-get update -qq && apt-get install -y -qq libcunit1-dev >/dev/null; }
+need=()
+for pkg in libcunit1-dev libopenblas-openmp-dev libyaml-dev libpcre2-dev libutf8proc-dev; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+[ ${#need[@]} -eq 0 ] || { apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null; }
 
 status=0
 rm -rf build-gpu
@@ -24,7 +28,9 @@ cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DQLORA_CUDA=ON -DCMAKE_CUDA_
   && cmake --build build-gpu -j "$(nproc)" || { echo "BUILD FAILED"; exit 1; }
 
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
-for t in build-gpu/test_nf4; do
+# the suites that launch CUDA kernels (the rest are CPU-only and run below)
+for t in build-gpu/test_nf4 build-gpu/test_ops_cuda; do
+  [ -x "$t" ] || continue
   if [ -n "$sanitizer" ]; then
     echo "== $t under compute-sanitizer (memcheck)"
     "$sanitizer" --tool memcheck --error-exitcode 99 "$t" || status=1
