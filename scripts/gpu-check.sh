@@ -16,15 +16,20 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 nvcc --version | tail -n 1
 
 command -v cmake >/dev/null || { apt-get update -qq && apt-get install -y -qq cmake >/dev/null; }
-need=()
-for pkg in libcunit1-dev libopenblas-openmp-dev libyaml-dev libpcre2-dev libutf8proc-dev; do
-  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
-done
-[ ${#need[@]} -eq 0 ] || { apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null; }
+# Libraries: installed, or carried as .deb files (scripts/gpu-fetch-debs.sh;
+# the GPU machine reaches no archive) and unpacked into /tmp/sysroot.
+cmake_extra=()
+if [ -d .debs ] && ls .debs/*.deb >/dev/null 2>&1; then
+  for f in .debs/*.deb; do dpkg -x "$f" /tmp/sysroot; done
+  arch=$(gcc -dumpmachine 2>/dev/null || echo x86_64-linux-gnu)
+  export LD_LIBRARY_PATH="/tmp/sysroot/usr/lib/$arch/openblas-openmp:/tmp/sysroot/usr/lib/$arch:${LD_LIBRARY_PATH:-}"
+  cmake_extra+=(-DCMAKE_PREFIX_PATH=/tmp/sysroot/usr)
+  echo "libraries: from .debs via /tmp/sysroot"
+fi
 
 status=0
 rm -rf build-gpu
-cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DQLORA_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=native >/dev/null \
+cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DQLORA_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=native "${cmake_extra[@]}" >/dev/null \
   && cmake --build build-gpu -j "$(nproc)" || { echo "BUILD FAILED"; exit 1; }
 
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
