@@ -149,6 +149,55 @@ void ag_cross_entropy(double *loss_sum, int64_t *n_valid, float *dh, const float
                       int64_t token_chunk, int64_t vocab_chunk, float *scratch);
 
 // ----------------------------------------------------------------------------
+// CUDA kernels: the kernels above on device pointers, same semantics and
+// shapes (backward kernels accumulate, += ; NULL gradients are skipped where
+// the CPU kernel allows it). Each is enqueued on stream (a cudaStream_t; NULL
+// is the default stream) and returns 0, or -1 with err filled (bad arguments,
+// a failed launch, or "built without CUDA"). Results are within fp32
+// rounding of the CPU kernels (sums run in a different order; device expf /
+// sincosf may differ by an ulp); dropout masks are bit-identical.
+bool ag_cuda_available(void);  // a CUDA device is present and usable
+
+int ag_cuda_embedding_forward(float *out, const int32_t *ids, const float *table, int64_t N, int64_t D,
+                              void *stream, q_err *err);
+// Deterministic without atomics: a thread owns a column and adds the tokens
+// in order (bit-identical to the CPU). Parallel over D only: meant for the
+// rare unfrozen table, not a hot path.
+int ag_cuda_embedding_backward(float *dtable, const float *dout, const int32_t *ids, int64_t N, int64_t D,
+                               void *stream, q_err *err);
+
+// rstd may be NULL.
+int ag_cuda_rmsnorm_forward(float *out, float *rstd, const float *x, const float *w, int64_t N, int64_t D,
+                            float eps, void *stream, q_err *err);
+// dx and/or dw may be NULL. dw is reduced over rows in two deterministic
+// passes through scratch (ag_cuda_rmsnorm_backward_scratch_floats(N, D)
+// floats of device memory; may be NULL when dw is).
+int64_t ag_cuda_rmsnorm_backward_scratch_floats(int64_t N, int64_t D);
+int ag_cuda_rmsnorm_backward(float *dx, float *dw, const float *dout, const float *x, const float *w,
+                             const float *rstd, int64_t N, int64_t D, float *scratch, void *stream, q_err *err);
+
+int ag_cuda_dropout_forward(float *out, const float *x, int64_t n, float p, uint64_t seed, void *stream,
+                            q_err *err);
+int ag_cuda_dropout_backward(float *dx, const float *dout, int64_t n, float p, uint64_t seed, void *stream,
+                             q_err *err);
+
+// out may equal x. hd must be even.
+int ag_cuda_rope_forward(float *out, const float *x, const int32_t *pos, const float *inv_freq, int64_t N,
+                         int64_t H, int64_t hd, void *stream, q_err *err);
+int ag_cuda_rope_backward(float *dx, const float *dout, const int32_t *pos, const float *inv_freq, int64_t N,
+                          int64_t H, int64_t hd, void *stream, q_err *err);
+
+// dgate and/or dup may be NULL.
+int ag_cuda_swiglu_forward(float *out, const float *gate, const float *up, int64_t n, void *stream, q_err *err);
+int ag_cuda_swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate, const float *up,
+                            int64_t n, void *stream, q_err *err);
+
+// The residual add: out[n] = a + b (out may alias a or b); da, db += dout
+// (either may be NULL).
+int ag_cuda_add_forward(float *out, const float *a, const float *b, int64_t n, void *stream, q_err *err);
+int ag_cuda_add_backward(float *da, float *db, const float *dout, int64_t n, void *stream, q_err *err);
+
+// ----------------------------------------------------------------------------
 // tensors and the tape
 
 typedef enum ag_device { AG_DEVICE_CPU, AG_DEVICE_CUDA } ag_device;
