@@ -42,6 +42,11 @@ static double rss_mb(void) {
     return (double)resident * (double)sysconf(_SC_PAGESIZE) / 1048576.0;
 }
 
+static double peak_rss_mb(void) {
+    struct rusage ru;
+    return getrusage(RUSAGE_SELF, &ru) == 0 ? (double)ru.ru_maxrss / 1024.0 : 0.0;
+}
+
 static void format_duration(double s, char *out, size_t size) {
     if (!isfinite(s) || s < 0) s = 0;
     const long t = (long)(s + 0.5);
@@ -595,8 +600,8 @@ int train_run(const recipe *r, bool resume, int64_t stop_after, q_err *err) {
         if (t.step % (r->train_log_every > 0 ? r->train_log_every : 1) == 0 || t.step == t.total_steps) {
             char eta[32];
             format_duration(per_step * (double)(t.total_steps - t.step), eta, sizeof eta);
-            fprintf(stderr, "step %lld/%lld | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s | ETA %s | mem %.0f MB\n",
-                    (long long)t.step, (long long)t.total_steps, loss, lr, gnorm, tps, eta, rss_mb());
+            fprintf(stderr, "step %lld/%lld | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s | ETA %s | mem %.0f MB, peak %.0f MB\n",
+                    (long long)t.step, (long long)t.total_steps, loss, lr, gnorm, tps, eta, rss_mb(), peak_rss_mb());
         }
         if (r->eval_every_n_steps > 0 && t.step % r->eval_every_n_steps == 0 && t.step < t.total_steps &&
             t.data.n_val) {
