@@ -248,6 +248,7 @@ typedef struct q_gguf {
     char *path;
     const uint8_t *map;
     size_t map_size;
+    bool owns_map;          // mapped by q_gguf_open (unmapped on close)
     uint32_t version;
     uint32_t alignment;
     size_t n_kv;
@@ -257,6 +258,8 @@ typedef struct q_gguf {
 } q_gguf;
 
 int q_gguf_open(q_gguf *g, const char *path, q_err *err);
+// Same validation over caller memory (kept alive by the caller); the fuzz target uses it.
+int q_gguf_open_memory(q_gguf *g, const void *data, size_t size, const char *name, q_err *err);
 void q_gguf_close(q_gguf *g);
 const q_gguf_kv *q_gguf_find_kv(const q_gguf *g, const char *key);
 const q_gguf_tensor *q_gguf_find_tensor(const q_gguf *g, const char *name);

@@ -343,21 +343,34 @@ done:
     return rc;
 }
 
-int q_gguf_open(q_gguf *g, const char *path, q_err *err) {
-    memset(g, 0, sizeof *g);
-    if (q_file_map(path, &g->map, &g->map_size, err)) return -1;
-    g->path = strdup(path);
+// After the bytes are in place (mapped or the caller's): validate and index.
+static int open_finish(q_gguf *g, const char *name, q_err *err) {
+    g->path = strdup(name);
     q_err e;
     if (!g->path || parse(g, &e)) {
         if (!g->path) snprintf(e.msg, sizeof e.msg, "out of memory");
         q_gguf_close(g);
-        return q_err_set(err, "%s: %s", path, e.msg);
+        return q_err_set(err, "%s: %s", name, e.msg);
     }
     return 0;
 }
 
+int q_gguf_open(q_gguf *g, const char *path, q_err *err) {
+    memset(g, 0, sizeof *g);
+    if (q_file_map(path, &g->map, &g->map_size, err)) return -1;
+    g->owns_map = true;
+    return open_finish(g, path, err);
+}
+
+int q_gguf_open_memory(q_gguf *g, const void *data, size_t size, const char *name, q_err *err) {
+    memset(g, 0, sizeof *g);
+    g->map = data;
+    g->map_size = data ? size : 0;
+    return open_finish(g, name, err);
+}
+
 void q_gguf_close(q_gguf *g) {
-    q_file_unmap(g->map, g->map_size);
+    if (g->owns_map) q_file_unmap(g->map, g->map_size);
     for (size_t i = 0; i < g->n_kv; i++) free(g->kv[i].key);
     for (size_t i = 0; i < g->n_tensors; i++) free(g->tensors[i].name);
     free(g->kv);

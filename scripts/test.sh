@@ -38,11 +38,15 @@ cmake --build build-asan -j "$JOBS"
 echo "== tests under ASan + UBSan"
 (cd build-asan && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ctest --output-on-failure)
 
-echo "== fuzz the safetensors reader for ${FUZZ_SECONDS}s"
+echo "== fuzz the safetensors and GGUF readers for ${FUZZ_SECONDS}s each"
 CC=clang cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=Debug -DQLORA_FUZZ=ON -DQLORA_CUDA=OFF >/dev/null
-cmake --build build-fuzz -j "$JOBS" --target fuzz_safetensors
+cmake --build build-fuzz -j "$JOBS" --target fuzz_safetensors fuzz_gguf
 corpus=$(mktemp -d)
 cp tests/fuzz/corpus/* "$corpus"/
 ./build-fuzz/fuzz_safetensors -max_total_time="$FUZZ_SECONDS" -print_final_stats=1 "$corpus" 2>&1 | tail -n 12
+rm -rf "$corpus"
+corpus=$(mktemp -d)
+cp tests/fixtures/gguf/types.gguf tests/fixtures/gguf/llama_gqa_tied_q8_0.gguf "$corpus"/
+./build-fuzz/fuzz_gguf -max_total_time="$FUZZ_SECONDS" -max_len=65536 -print_final_stats=1 "$corpus" 2>&1 | tail -n 6
 rm -rf "$corpus"
 echo "== all tests passed"
