@@ -1,4 +1,6 @@
 // train/main.c: the qlora binary. Each subcommand parses its own arguments.
+#include <limits.h>
+#include <malloc.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -26,6 +28,13 @@ static void usage(void) {
 
 int main(int argc, char **argv) {
     ag_threads_init();
+    // A training step frees and reallocates the same activation buffers every
+    // step. glibc would hand the big ones back to the kernel (mmap/munmap and
+    // heap trimming) and fault ~1 GB of fresh zero pages in again each step;
+    // keeping them in the heap measured 1.2-1.5x faster steps on a 135M model.
+    mallopt(M_MMAP_THRESHOLD, 32 << 20);  // glibc's maximum on 64-bit
+    mallopt(M_TRIM_THRESHOLD, INT_MAX);
+    mallopt(M_TOP_PAD, 64 << 20);
     if (argc < 2 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "help") == 0) {
         usage();
         return argc < 2 ? 2 : 0;
