@@ -10,16 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need=()
-for pkg in cmake gcc make libomp-dev libopenblas-openmp-dev libyaml-dev libpcre2-dev libutf8proc-dev python3-venv; do
-  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
-done
-if [ ${#need[@]} -gt 0 ]; then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
-  echo "== installing: ${need[*]}"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+source scripts/apt-deps.sh
+qlora_apt_install "${QLORA_BUILD_DEPS[@]}" python3-venv
 
 echo "== building qlora"
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null

@@ -13,16 +13,8 @@ FUZZ_SECONDS=${QLORA_FUZZ_SECONDS:-60}
 
 # ---------------------------------------------------------------------------
 # dependencies (apt, by name; skipped when already installed)
-need=()
-for pkg in cmake gcc make libcunit1-dev clang libclang-rt-14-dev libomp-dev libopenblas-openmp-dev libyaml-dev libpcre2-dev libutf8proc-dev; do
-  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
-done
-if [ ${#need[@]} -gt 0 ]; then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
-  echo "== installing: ${need[*]}"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+source scripts/apt-deps.sh
+qlora_apt_install "${QLORA_BUILD_DEPS[@]}" libcunit1-dev clang libclang-rt-14-dev
 
 # ---------------------------------------------------------------------------
 echo "== build (release$(command -v nvcc >/dev/null && echo ', with CUDA'))"
