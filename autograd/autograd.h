@@ -197,6 +197,82 @@ int ag_cuda_swiglu_backward(float *dgate, float *dup, const float *dout, const f
 int ag_cuda_add_forward(float *out, const float *a, const float *b, int64_t n, void *stream, q_err *err);
 int ag_cuda_add_backward(float *da, float *db, const float *dout, int64_t n, void *stream, q_err *err);
 
+// Causal GQA attention on the device, as ag_attention_forward/backward, by a
+// tiled kernel with an online softmax: a block holds 16 queries of one head
+// and walks the keys 32 at a time, so no score matrix is ever stored (memory
+// is O(N H hd)). fp32 CUDA-core arithmetic in every precision mode.
+// Preconditions (not checked: start lives on the device): start[] is
+// non-decreasing with start[n] <= n (documents are contiguous runs, as
+// model batches make them); hd <= 256 (checked).
+int ag_cuda_attention_forward(float *out, float *lse, const float *q, const float *k, const float *v,
+                              const int32_t *start, int64_t N, int64_t H, int64_t Hkv, int64_t hd, void *stream,
+                              q_err *err);
+// dq, dk, dv += as the CPU. Deterministic: dq by query tiles, dk/dv by key
+// tiles (two kernels, each output element owned by one thread, no atomics).
+// scratch: ag_cuda_attention_backward_scratch_floats(N, H) floats of device
+// memory (the row sums D = dout . out).
+int64_t ag_cuda_attention_backward_scratch_floats(int64_t N, int64_t H);
+int ag_cuda_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
+                               const float *v, const float *out, const float *lse, const int32_t *start, int64_t N,
+                               int64_t H, int64_t Hkv, int64_t hd, float *scratch, void *stream, q_err *err);
+
+// ----------------------------------------------------------------------------
+// CUDA: device memory, the context, GEMMs
+
+// Device memory. ag_cuda_malloc zeroes; copies go either way (unified
+// addressing tells host from device pointers); a copy that touches host
+// memory has finished on return, device-to-device copies are only enqueued.
+int ag_cuda_malloc(void **p, int64_t bytes, q_err *err);
+void ag_cuda_free(void *p);  // NULL is fine
+int ag_cuda_copy(void *dst, const void *src, int64_t bytes, void *stream, q_err *err);
+int ag_cuda_zero(void *p, int64_t bytes, void *stream, q_err *err);
+// The first device: its name, free and total memory (for memory plans).
+int ag_cuda_device_info(char *name, size_t name_size, int64_t *free_bytes, int64_t *total_bytes, q_err *err);
+
+// Math of the large GEMMs (frozen base, LM head). LoRA GEMMs always run in
+// fp32 (tf32 in TF32 mode): they are small and carry the trained signal.
+typedef enum ag_precision {
+    AG_PRECISION_FP32,  // fp32 operands and math (no tensor cores): the reference
+    AG_PRECISION_TF32,  // fp32 operands, tf32 tensor cores (10-bit mantissa products)
+    AG_PRECISION_BF16,  // bf16 operands (weights dequantized straight to bf16), fp32 accumulation (sm80+)
+    AG_PRECISION_FP16,  // fp16 operands, fp32 accumulation (activations beyond 65504 overflow)
+} ag_precision;
+const char *ag_precision_name(ag_precision p);                 // "fp32", "tf32", "bf16", "fp16"
+int ag_precision_parse(const char *s, ag_precision *p, q_err *err);
+
+// One stream, one cuBLAS handle, the precision, and growable device scratch
+// (the dequantized-weight workspace, 16-bit operand copies, loss buffers)
+// shared by every op enqueued through it. Ops on one context run in order.
+typedef struct ag_cuda_ctx ag_cuda_ctx;
+int ag_cuda_ctx_create(ag_cuda_ctx **ctx, ag_precision precision, q_err *err);
+void ag_cuda_ctx_free(ag_cuda_ctx *ctx);
+void *ag_cuda_ctx_stream(const ag_cuda_ctx *ctx);
+ag_precision ag_cuda_ctx_precision(const ag_cuda_ctx *ctx);
+int64_t ag_cuda_ctx_scratch_bytes(const ag_cuda_ctx *ctx);  // device bytes the scratch holds now
+int ag_cuda_ctx_sync(ag_cuda_ctx *ctx, q_err *err);         // waits for the stream; reports a fault
+// Stream-ordered, zeroed device memory from the driver's pool (cheap to take
+// and give back per tensor, as the tape does); released in stream order.
+void *ag_cuda_ctx_alloc(ag_cuda_ctx *ctx, int64_t bytes, q_err *err);
+void ag_cuda_ctx_release(ag_cuda_ctx *ctx, void *p);
+
+// Row-major C[M,N] = alpha op(A) op(B) + beta C on device fp32 arrays, as
+// ag_gemm, computed in precision prec (16-bit modes round A and B into the
+// context's scratch first; C and the accumulation stay fp32).
+int ag_cuda_gemm(ag_cuda_ctx *ctx, ag_precision prec, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+                 float alpha, const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C,
+                 int64_t ldc, q_err *err);
+
+// The loss head on the device, as ag_cross_entropy: rows of h [N,D] are
+// taken token_chunk at a time and the vocabulary vocab_chunk columns at a
+// time (logits GEMM in the context's precision, online log-sum-exp in fp32,
+// per-row losses in double summed on the host in token order), with
+// dh[N,D] += grad_scale * dloss/dh fused in when dh is not NULL. targets is a
+// device array; ignored rows cost their share of the GEMMs but add nothing.
+// Returns after the stream has finished (the loss is on the host).
+int ag_cuda_cross_entropy(ag_cuda_ctx *ctx, double *loss_sum, int64_t *n_valid, float *dh, const float *h,
+                          const float *Wlm, const int32_t *targets, int64_t N, int64_t D, int64_t V,
+                          float grad_scale, int64_t token_chunk, int64_t vocab_chunk, q_err *err);
+
 // ----------------------------------------------------------------------------
 // tensors and the tape
 
@@ -208,7 +284,7 @@ typedef struct ag_tensor {
     int ndim;
     int64_t shape[4];
     int64_t numel;
-    float *data;         // [numel]
+    float *data;         // [numel], device memory when device is AG_DEVICE_CUDA
     float *grad;         // [numel], NULL until a gradient reaches it (then zeroed and accumulated)
     bool requires_grad;  // false: nothing upstream wants a gradient (token inputs, embeddings)
 } ag_tensor;
@@ -221,22 +297,32 @@ typedef struct ag_mem {
 } ag_mem;
 
 typedef struct ag_record ag_record;
+typedef struct ag_alloc {
+    void *p;
+    int64_t bytes;
+    bool device;          // from the CUDA context's pool
+} ag_alloc;
 typedef struct ag_tape {
     ag_record *records;   // [n_records] in forward order
     int64_t n_records, cap_records;
-    void **allocs;        // every buffer this tape owns, freed by ag_tape_free
-    int64_t *alloc_bytes;
+    ag_alloc *allocs;     // every buffer this tape owns, freed by ag_tape_free
     int64_t n_allocs, cap_allocs;
     ag_mem *mem;          // accounting (may be shared)
     bool recording;       // false: forward only, nothing saved for a backward
-    float *workspace;     // [workspace_numel] dequantized base weight, reused by every linear
+    float *workspace;     // [workspace_numel] dequantized base weight, reused by every linear (CPU)
     int64_t workspace_numel;
-    bool failed;          // an allocation failed; every later op is a no-op
+    ag_cuda_ctx *cuda;    // not NULL: tensors live on the device and ops run through this context
+    bool failed;          // an op failed; every later op is a no-op
+    q_err err;            // what failed, when it was not an allocation on the host
 } ag_tape;
 
 // A tape that records (or not) and accounts its bytes into mem (may be NULL).
 // The workspace must hold O*I floats of the largest linear.
 void ag_tape_init(ag_tape *t, bool recording, ag_mem *mem, float *workspace, int64_t workspace_numel);
+// A tape whose tensors live on the device: every op below dispatches to its
+// ag_cuda_* kernel on ctx's stream, and every pointer handed to an op
+// (weights, ids, positions, starts, targets, adapters) is a device pointer.
+void ag_tape_init_cuda(ag_tape *t, bool recording, ag_mem *mem, ag_cuda_ctx *ctx);
 // Replays the records in reverse. The caller has set the gradient of the
 // final output (ag_cross_entropy does it itself).
 void ag_tape_backward(ag_tape *t);
@@ -262,6 +348,19 @@ typedef struct ag_linear {
     const float *B;        // [O,r]
     float *dA, *dB;        // [r,I], [O,r] gradient accumulators (+=), or NULL
 } ag_linear;
+
+// The NF4 + LoRA linear on the device, every pointer of lin a device pointer
+// (the nf4_view's arrays too). The base is dequantized into the context's
+// workspace (rounded to w_dtype as the CPU does; straight to bf16/fp16 in the
+// 16-bit modes), then one cuBLAS GEMM; forward and backward each dequantize
+// again, so only one weight is ever expanded. LoRA in the cheap order:
+// xa = xd A^T [N,r] first, then y += scale xa B^T. Semantics as
+// ag_lora_linear_forward / ag_lora_linear_backward (with dA, dB from lin;
+// dxd may alias dx).
+int ag_cuda_linear_forward(ag_cuda_ctx *ctx, float *y, float *xa, const float *x, const float *xd,
+                           const ag_linear *lin, int64_t N, q_err *err);
+int ag_cuda_linear_backward(ag_cuda_ctx *ctx, float *dx, float *dxd, const float *dy, const float *xd,
+                            const float *xa, const ag_linear *lin, int64_t N, q_err *err);
 
 // Ops: allocate the output from the tape, run the forward kernel and, when
 // recording, push the backward. Shapes as in the kernels; tensors are 2-D

@@ -1,8 +1,13 @@
 // autograd/tape.c: tensors, the reverse-mode tape, and the ops as tape
-// entries. Each op runs its forward kernel (ops.c) and, when the tape
-// records, saves what its backward needs in a small context; the backward
-// replays the contexts newest first. Checkpointed segments keep only their
-// input and are rerun on a fresh tape inside the backward.
+// entries. Each op runs its forward kernel (ops.c, or its CUDA twin when the
+// tape lives on the device) and, when the tape records, saves what its
+// backward needs in a small context; the backward replays the contexts
+// newest first. Checkpointed segments keep only their input and are rerun on
+// a fresh tape inside the backward.
+//
+// Device tapes: tensor data and gradients come from the CUDA context's
+// stream-ordered pool; records stay on the host. A failing CUDA call marks
+// the tape failed with its message in t->err, and every later op is a no-op.
 #define _GNU_SOURCE
 #include "autograd.h"
 
@@ -26,29 +31,49 @@ void ag_tape_init(ag_tape *t, bool recording, ag_mem *mem, float *workspace, int
     t->workspace_numel = workspace_numel;
 }
 
-static void *tape_alloc(ag_tape *t, int64_t bytes) {
+void ag_tape_init_cuda(ag_tape *t, bool recording, ag_mem *mem, ag_cuda_ctx *ctx) {
+    ag_tape_init(t, recording, mem, NULL, 0);
+    t->cuda = ctx;
+}
+
+// Runs one CUDA op call (which fills t->err on failure) unless the tape has
+// already failed; marks it failed otherwise.
+#define DEV(t, call)                              \
+    do {                                          \
+        if (!(t)->failed && (call) != 0) (t)->failed = true; \
+    } while (0)
+
+static void *stream(const ag_tape *t) { return ag_cuda_ctx_stream(t->cuda); }
+
+// A zeroed buffer owned by the tape: on the host (records, contexts) or,
+// when device is set, from the context's pool (tensor data).
+static void *tape_alloc_on(ag_tape *t, int64_t bytes, bool device) {
     if (t->failed) return NULL;
     if (t->n_allocs == t->cap_allocs) {
         int64_t cap = t->cap_allocs ? 2 * t->cap_allocs : 64;
-        void **a = realloc(t->allocs, (size_t)cap * sizeof *a);
-        int64_t *b = a ? realloc(t->alloc_bytes, (size_t)cap * sizeof *b) : NULL;
-        if (a) t->allocs = a;
-        if (!a || !b) {
+        ag_alloc *a = realloc(t->allocs, (size_t)cap * sizeof *a);
+        if (!a) {
             t->failed = true;
+            q_err_set(&t->err, "autograd: out of host memory for the tape");
             return NULL;
         }
-        t->alloc_bytes = b;
+        t->allocs = a;
         t->cap_allocs = cap;
     }
     size_t size = ((size_t)(bytes > 0 ? bytes : 1) + 63) & ~(size_t)63;
-    void *p = aligned_alloc(64, size);
+    void *p;
+    if (device) {
+        p = ag_cuda_ctx_alloc(t->cuda, (int64_t)size, &t->err);
+    } else {
+        p = aligned_alloc(64, size);
+        if (p) memset(p, 0, size);
+        else q_err_set(&t->err, "autograd: out of memory for activations (%zu bytes more)", size);
+    }
     if (!p) {
         t->failed = true;
         return NULL;
     }
-    memset(p, 0, size);
-    t->allocs[t->n_allocs] = p;
-    t->alloc_bytes[t->n_allocs++] = (int64_t)size;
+    t->allocs[t->n_allocs++] = (ag_alloc){p, (int64_t)size, device};
     if (t->mem) {
         t->mem->live += (int64_t)size;
         if (t->mem->live > t->mem->peak) t->mem->peak = t->mem->live;
@@ -56,26 +81,32 @@ static void *tape_alloc(ag_tape *t, int64_t bytes) {
     return p;
 }
 
+static void *tape_alloc(ag_tape *t, int64_t bytes) { return tape_alloc_on(t, bytes, false); }
+// Tensor data: where the tape's tensors live.
+static void *tape_alloc_data(ag_tape *t, int64_t bytes) { return tape_alloc_on(t, bytes, t->cuda != NULL); }
+
+static void alloc_free(ag_tape *t, const ag_alloc *a) {
+    if (a->device) ag_cuda_ctx_release(t->cuda, a->p);
+    else free(a->p);
+    if (t->mem) t->mem->live -= a->bytes;
+}
+
 void ag_tape_free(ag_tape *t) {
-    for (int64_t i = 0; i < t->n_allocs; i++) {
-        free(t->allocs[i]);
-        if (t->mem) t->mem->live -= t->alloc_bytes[i];
-    }
+    for (int64_t i = 0; i < t->n_allocs; i++) alloc_free(t, &t->allocs[i]);
     free(t->allocs);
-    free(t->alloc_bytes);
     free(t->records);
+    ag_cuda_ctx *cuda = t->cuda;
     ag_tape_init(t, t->recording, t->mem, t->workspace, t->workspace_numel);
+    t->cuda = cuda;
 }
 
 // Frees one buffer before the tape ends (newest first: releases happen in
 // the backward, which walks the tape from the end).
 static void tape_release(ag_tape *t, void *p) {
     for (int64_t i = t->n_allocs - 1; p && i >= 0; i--)
-        if (t->allocs[i] == p) {
-            free(p);
-            if (t->mem) t->mem->live -= t->alloc_bytes[i];
-            t->allocs[i] = NULL;
-            t->alloc_bytes[i] = 0;
+        if (t->allocs[i].p == p) {
+            alloc_free(t, &t->allocs[i]);
+            t->allocs[i] = (ag_alloc){NULL, 0, false};
             return;
         }
 }
@@ -84,12 +115,12 @@ ag_tensor *ag_tensor_new(ag_tape *t, int ndim, const int64_t *shape, bool requir
     ag_tensor *x = tape_alloc(t, sizeof *x);
     if (!x) return NULL;
     x->dtype = Q_DTYPE_F32;
-    x->device = AG_DEVICE_CPU;
+    x->device = t->cuda ? AG_DEVICE_CUDA : AG_DEVICE_CPU;
     x->ndim = ndim;
     x->numel = 1;
     for (int i = 0; i < ndim; i++) x->numel *= (x->shape[i] = shape[i]);
     x->requires_grad = requires_grad;
-    x->data = tape_alloc(t, x->numel * (int64_t)sizeof(float));
+    x->data = tape_alloc_data(t, x->numel * (int64_t)sizeof(float));
     return x->data ? x : NULL;
 }
 
@@ -99,7 +130,7 @@ static ag_tensor *tensor_2d(ag_tape *t, int64_t n, int64_t d, bool requires_grad
 }
 
 float *ag_tensor_grad(ag_tape *t, ag_tensor *x) {
-    if (!x->grad) x->grad = tape_alloc(t, x->numel * (int64_t)sizeof(float));
+    if (!x->grad) x->grad = tape_alloc_data(t, x->numel * (int64_t)sizeof(float));
     return x->grad;
 }
 
@@ -134,8 +165,9 @@ static bool flows(const ag_tensor *y, const ag_tensor *x) { return y->grad && x-
 
 ag_tensor *ag_embedding(ag_tape *t, const int32_t *ids, const float *table, int64_t N, int64_t D) {
     ag_tensor *out = tensor_2d(t, N, D, false);
-    if (out) ag_embedding_forward(out->data, ids, table, N, D);
-    return out;
+    if (out && t->cuda) DEV(t, ag_cuda_embedding_forward(out->data, ids, table, N, D, stream(t), &t->err));
+    else if (out) ag_embedding_forward(out->data, ids, table, N, D);
+    return t->failed ? NULL : out;
 }
 
 // ----------------------------------------------------------------------------
@@ -151,16 +183,22 @@ static void rmsnorm_bwd(ag_tape *t, void *p) {
     rmsnorm_ctx *c = p;
     if (!flows(c->out, c->x)) return;
     float *dx = ag_tensor_grad(t, c->x);
-    if (dx) ag_rmsnorm_backward(dx, NULL, c->out->grad, c->x->data, c->w, c->rstd, c->x->shape[0], c->x->shape[1]);
+    const int64_t N = c->x->shape[0], D = c->x->shape[1];
+    if (dx && t->cuda)
+        DEV(t, ag_cuda_rmsnorm_backward(dx, NULL, c->out->grad, c->x->data, c->w, c->rstd, N, D, NULL, stream(t),
+                                        &t->err));
+    else if (dx) ag_rmsnorm_backward(dx, NULL, c->out->grad, c->x->data, c->w, c->rstd, N, D);
 }
 
 ag_tensor *ag_rmsnorm(ag_tape *t, ag_tensor *x, const float *w, float eps) {
     if (!x) return NULL;
     const int64_t N = x->shape[0], D = x->shape[1];
     ag_tensor *out = tensor_2d(t, N, D, x->requires_grad);
-    float *rstd = tape_alloc(t, N * (int64_t)sizeof(float));
+    float *rstd = tape_alloc_data(t, N * (int64_t)sizeof(float));
     if (!out || !rstd) return NULL;
-    ag_rmsnorm_forward(out->data, rstd, x->data, w, N, D, eps);
+    if (t->cuda) DEV(t, ag_cuda_rmsnorm_forward(out->data, rstd, x->data, w, N, D, eps, stream(t), &t->err));
+    else ag_rmsnorm_forward(out->data, rstd, x->data, w, N, D, eps);
+    if (t->failed) return NULL;
     tape_push(t, rmsnorm_bwd, &(rmsnorm_ctx){x, out, w, rstd}, sizeof(rmsnorm_ctx));
     return out;
 }
@@ -178,10 +216,10 @@ static int linear_weight(ag_tape *t, const ag_linear *lin, const float **W) {
     const int64_t n = lin->in * lin->out;
     if (n > t->workspace_numel) {
         t->failed = true;
-        return -1;
+        return q_err_set(&t->err, "autograd: a %lld x %lld weight does not fit the %lld-float workspace",
+                         (long long)lin->out, (long long)lin->in, (long long)t->workspace_numel);
     }
-    q_err err;
-    if (nf4_dequantize(&lin->w, t->workspace, Q_DTYPE_F32, &err)) {
+    if (nf4_dequantize(&lin->w, t->workspace, Q_DTYPE_F32, &t->err)) {
         t->failed = true;
         return -1;
     }
@@ -202,9 +240,31 @@ typedef struct linear_ctx {
     float *xa;  // [N,r]
 } linear_ctx;
 
+// The device backward: the same steps through ag_cuda_linear_backward, which
+// dequantizes the base again into the context's workspace.
+static void linear_bwd_cuda(ag_tape *t, linear_ctx *c) {
+    const ag_linear *l = &c->lin;
+    const int64_t N = c->x->shape[0];
+    float *dx = c->x->requires_grad ? ag_tensor_grad(t, c->x) : NULL;
+    if (t->failed) return;
+    if (l->r > 0 && l->dropout > 0.0f && dx) {
+        float *dxd = tape_alloc_data(t, N * l->in * (int64_t)sizeof(float));
+        if (!dxd) return;
+        DEV(t, ag_cuda_linear_backward(t->cuda, dx, dxd, c->y->grad, c->xd, c->xa, l, N, &t->err));
+        DEV(t, ag_cuda_dropout_backward(dx, dxd, N * l->in, l->dropout, l->dropout_seed, stream(t), &t->err));
+        tape_release(t, dxd);
+    } else {
+        DEV(t, ag_cuda_linear_backward(t->cuda, dx, dx, c->y->grad, c->xd, c->xa, l, N, &t->err));
+    }
+}
+
 static void linear_bwd(ag_tape *t, void *p) {
     linear_ctx *c = p;
     if (!c->y->grad) return;
+    if (t->cuda) {
+        linear_bwd_cuda(t, c);
+        return;
+    }
     const ag_linear *l = &c->lin;
     const int64_t N = c->x->shape[0];
     const float *W;
@@ -233,19 +293,26 @@ ag_tensor *ag_linear_apply(ag_tape *t, ag_tensor *x, const ag_linear *lin) {
     const int64_t N = x->shape[0];
     const bool trains = lin->r > 0 && (lin->dA || lin->dB);
     ag_tensor *y = tensor_2d(t, N, lin->out, x->requires_grad || trains);
-    const float *W;
-    if (!y || linear_weight(t, lin, &W)) return NULL;
+    const float *W = NULL;
+    if (!y || (!t->cuda && linear_weight(t, lin, &W))) return NULL;
     linear_ctx c = {x, y, *lin, x->data, NULL};
     if (lin->r > 0) {
-        c.xa = tape_alloc(t, N * lin->r * (int64_t)sizeof(float));
+        c.xa = tape_alloc_data(t, N * lin->r * (int64_t)sizeof(float));
         if (lin->dropout > 0.0f) {
-            c.xd = tape_alloc(t, N * lin->in * (int64_t)sizeof(float));
-            if (c.xd) ag_dropout_forward(c.xd, x->data, N * lin->in, lin->dropout, lin->dropout_seed);
+            c.xd = tape_alloc_data(t, N * lin->in * (int64_t)sizeof(float));
+            if (c.xd && t->cuda)
+                DEV(t, ag_cuda_dropout_forward(c.xd, x->data, N * lin->in, lin->dropout, lin->dropout_seed, stream(t),
+                                               &t->err));
+            else if (c.xd) ag_dropout_forward(c.xd, x->data, N * lin->in, lin->dropout, lin->dropout_seed);
         }
         if (!c.xa || !c.xd) return NULL;
     }
-    ag_lora_linear_forward(y->data, c.xa, x->data, c.xd, W, lin->bias, lin->A, lin->B, lin->scale, N, lin->in,
-                           lin->out, lin->r);
+    if (t->cuda)
+        DEV(t, ag_cuda_linear_forward(t->cuda, y->data, c.xa, x->data, c.xd, lin, N, &t->err));
+    else
+        ag_lora_linear_forward(y->data, c.xa, x->data, c.xd, W, lin->bias, lin->A, lin->B, lin->scale, N, lin->in,
+                               lin->out, lin->r);
+    if (t->failed) return NULL;
     tape_push(t, linear_bwd, &c, sizeof c);
     return y;
 }
@@ -264,14 +331,19 @@ static void rope_bwd(ag_tape *t, void *p) {
     rope_ctx *c = p;
     if (!flows(c->out, c->x)) return;
     float *dx = ag_tensor_grad(t, c->x);
-    if (dx) ag_rope_backward(dx, c->out->grad, c->pos, c->inv_freq, c->x->shape[0], c->H, c->hd);
+    if (dx && t->cuda)
+        DEV(t, ag_cuda_rope_backward(dx, c->out->grad, c->pos, c->inv_freq, c->x->shape[0], c->H, c->hd, stream(t),
+                                     &t->err));
+    else if (dx) ag_rope_backward(dx, c->out->grad, c->pos, c->inv_freq, c->x->shape[0], c->H, c->hd);
 }
 
 ag_tensor *ag_rope(ag_tape *t, ag_tensor *x, const int32_t *pos, const float *inv_freq, int64_t H, int64_t hd) {
     if (!x) return NULL;
     ag_tensor *out = tensor_2d(t, x->shape[0], x->shape[1], x->requires_grad);
     if (!out) return NULL;
-    ag_rope_forward(out->data, x->data, pos, inv_freq, x->shape[0], H, hd);
+    if (t->cuda) DEV(t, ag_cuda_rope_forward(out->data, x->data, pos, inv_freq, x->shape[0], H, hd, stream(t), &t->err));
+    else ag_rope_forward(out->data, x->data, pos, inv_freq, x->shape[0], H, hd);
+    if (t->failed) return NULL;
     tape_push(t, rope_bwd, &(rope_ctx){x, out, pos, inv_freq, H, hd}, sizeof(rope_ctx));
     return out;
 }
@@ -292,8 +364,17 @@ static void attention_bwd(ag_tape *t, void *p) {
     // attention's three inputs come from linears that want gradients together
     float *dq = ag_tensor_grad(t, c->q), *dk = ag_tensor_grad(t, c->k), *dv = ag_tensor_grad(t, c->v);
     if (!dq || !dk || !dv) return;
+    const int64_t N = c->q->shape[0];
+    if (t->cuda) {
+        float *scratch = tape_alloc_data(t, ag_cuda_attention_backward_scratch_floats(N, c->H) * (int64_t)sizeof(float));
+        if (!scratch) return;
+        DEV(t, ag_cuda_attention_backward(dq, dk, dv, c->out->grad, c->q->data, c->k->data, c->v->data, c->out->data,
+                                          c->lse, c->start, N, c->H, c->Hkv, c->hd, scratch, stream(t), &t->err));
+        tape_release(t, scratch);
+        return;
+    }
     ag_attention_backward(dq, dk, dv, c->out->grad, c->q->data, c->k->data, c->v->data, c->out->data, c->lse,
-                          c->start, c->q->shape[0], c->H, c->Hkv, c->hd);
+                          c->start, N, c->H, c->Hkv, c->hd);
 }
 
 ag_tensor *ag_attention(ag_tape *t, ag_tensor *q, ag_tensor *k, ag_tensor *v, const int32_t *start, int64_t H,
@@ -301,9 +382,13 @@ ag_tensor *ag_attention(ag_tape *t, ag_tensor *q, ag_tensor *k, ag_tensor *v, co
     if (!q || !k || !v) return NULL;
     const int64_t N = q->shape[0];
     ag_tensor *out = tensor_2d(t, N, H * hd, q->requires_grad || k->requires_grad || v->requires_grad);
-    float *lse = tape_alloc(t, N * H * (int64_t)sizeof(float));
+    float *lse = tape_alloc_data(t, N * H * (int64_t)sizeof(float));
     if (!out || !lse) return NULL;
-    ag_attention_forward(out->data, lse, q->data, k->data, v->data, start, N, H, Hkv, hd);
+    if (t->cuda)
+        DEV(t, ag_cuda_attention_forward(out->data, lse, q->data, k->data, v->data, start, N, H, Hkv, hd, stream(t),
+                                         &t->err));
+    else ag_attention_forward(out->data, lse, q->data, k->data, v->data, start, N, H, Hkv, hd);
+    if (t->failed) return NULL;
     tape_push(t, attention_bwd, &(attention_ctx){q, k, v, out, lse, start, H, Hkv, hd}, sizeof(attention_ctx));
     return out;
 }
@@ -319,14 +404,19 @@ static void swiglu_bwd(ag_tape *t, void *p) {
     swiglu_ctx *c = p;
     if (!c->out->grad) return;
     float *dg = ag_tensor_grad(t, c->gate), *du = ag_tensor_grad(t, c->up);
-    if (dg && du) ag_swiglu_backward(dg, du, c->out->grad, c->gate->data, c->up->data, c->out->numel);
+    if (dg && du && t->cuda)
+        DEV(t, ag_cuda_swiglu_backward(dg, du, c->out->grad, c->gate->data, c->up->data, c->out->numel, stream(t),
+                                       &t->err));
+    else if (dg && du) ag_swiglu_backward(dg, du, c->out->grad, c->gate->data, c->up->data, c->out->numel);
 }
 
 ag_tensor *ag_swiglu(ag_tape *t, ag_tensor *gate, ag_tensor *up) {
     if (!gate || !up) return NULL;
     ag_tensor *out = tensor_2d(t, gate->shape[0], gate->shape[1], gate->requires_grad || up->requires_grad);
     if (!out) return NULL;
-    ag_swiglu_forward(out->data, gate->data, up->data, out->numel);
+    if (t->cuda) DEV(t, ag_cuda_swiglu_forward(out->data, gate->data, up->data, out->numel, stream(t), &t->err));
+    else ag_swiglu_forward(out->data, gate->data, up->data, out->numel);
+    if (t->failed) return NULL;
     tape_push(t, swiglu_bwd, &(swiglu_ctx){gate, up, out}, sizeof(swiglu_ctx));
     return out;
 }
@@ -338,7 +428,8 @@ typedef struct add_ctx {
 static void add_into(ag_tape *t, ag_tensor *x, const float *g) {
     if (!x->requires_grad) return;
     float *dx = ag_tensor_grad(t, x);
-    if (dx)
+    if (dx && t->cuda) DEV(t, ag_cuda_add_backward(dx, NULL, g, x->numel, stream(t), &t->err));
+    else if (dx)
         for (int64_t i = 0; i < x->numel; i++) dx[i] += g[i];
 }
 
@@ -353,7 +444,10 @@ ag_tensor *ag_add(ag_tape *t, ag_tensor *a, ag_tensor *b) {
     if (!a || !b) return NULL;
     ag_tensor *out = tensor_2d(t, a->shape[0], a->shape[1], a->requires_grad || b->requires_grad);
     if (!out) return NULL;
-    for (int64_t i = 0; i < a->numel; i++) out->data[i] = a->data[i] + b->data[i];
+    if (t->cuda) DEV(t, ag_cuda_add_forward(out->data, a->data, b->data, a->numel, stream(t), &t->err));
+    else
+        for (int64_t i = 0; i < a->numel; i++) out->data[i] = a->data[i] + b->data[i];
+    if (t->failed) return NULL;
     tape_push(t, add_bwd, &(add_ctx){a, b, out}, sizeof(add_ctx));
     return out;
 }
@@ -378,11 +472,19 @@ void ag_loss(ag_tape *t, ag_tensor *h, const float *Wlm, const int32_t *targets,
     *n_valid = 0;
     if (!h || t->failed) return;
     const int64_t N = h->shape[0], D = h->shape[1];
-    float *scratch = tape_alloc(t, ag_cross_entropy_scratch_floats(D, V, token_chunk, vocab_chunk) * 4);
-    float *dh = t->recording && h->requires_grad ? tape_alloc(t, N * D * (int64_t)sizeof(float)) : NULL;
-    if (!scratch || t->failed) return;
-    ag_cross_entropy(loss_sum, n_valid, dh, h->data, Wlm, targets, N, D, V, grad_scale, token_chunk, vocab_chunk,
-                     scratch);
+    float *dh = t->recording && h->requires_grad ? tape_alloc_data(t, N * D * (int64_t)sizeof(float)) : NULL;
+    if (t->failed) return;
+    if (t->cuda) {
+        DEV(t, ag_cuda_cross_entropy(t->cuda, loss_sum, n_valid, dh, h->data, Wlm, targets, N, D, V, grad_scale,
+                                     token_chunk, vocab_chunk, &t->err));
+    } else {
+        float *scratch = tape_alloc(t, ag_cross_entropy_scratch_floats(D, V, token_chunk, vocab_chunk) * 4);
+        if (!scratch) return;
+        ag_cross_entropy(loss_sum, n_valid, dh, h->data, Wlm, targets, N, D, V, grad_scale, token_chunk, vocab_chunk,
+                         scratch);
+        tape_release(t, scratch);
+    }
+    if (t->failed) return;
     if (dh) tape_push(t, loss_bwd, &(loss_ctx){h, dh}, sizeof(loss_ctx));
 }
 
@@ -400,6 +502,7 @@ static void checkpoint_bwd(ag_tape *t, void *p) {
     if (!c->out->grad) return;
     ag_tape sub;
     ag_tape_init(&sub, true, t->mem, t->workspace, t->workspace_numel);
+    sub.cuda = t->cuda;
     // the rerun reads the saved input and accumulates straight into its gradient
     ag_tensor x = *c->x;
     x.grad = x.requires_grad ? ag_tensor_grad(t, c->x) : NULL;
@@ -408,7 +511,10 @@ static void checkpoint_bwd(ag_tape *t, void *p) {
         y->grad = c->out->grad;
         ag_tape_backward(&sub);
     }
-    if (!y || sub.failed) t->failed = true;
+    if (!y || sub.failed) {
+        t->failed = true;
+        t->err = sub.err;
+    }
     ag_tape_free(&sub);
     // every reader of the segment's output has run its backward by now: drop
     // it and its gradient, so checkpointed memory stays at the stored inputs
@@ -422,14 +528,37 @@ ag_tensor *ag_checkpoint(ag_tape *t, ag_tensor *x, ag_segment_fn fn, void *ctx) 
     if (!t->recording) return fn(t, x, ctx);
     ag_tape sub;
     ag_tape_init(&sub, false, t->mem, t->workspace, t->workspace_numel);
+    sub.cuda = t->cuda;
     ag_tensor *y = fn(&sub, x, ctx);
     ag_tensor *out = y && !sub.failed ? ag_tensor_new(t, y->ndim, y->shape, true) : NULL;
-    if (out) memcpy(out->data, y->data, (size_t)y->numel * sizeof(float));
+    const int64_t bytes = out ? y->numel * (int64_t)sizeof(float) : 0;
+    if (out && t->cuda) DEV(t, ag_cuda_copy(out->data, y->data, bytes, stream(t), &t->err));
+    else if (out) memcpy(out->data, y->data, (size_t)bytes);
+    if (sub.failed) t->err = sub.err;
     ag_tape_free(&sub);
-    if (!out) {
+    if (!out || t->failed) {
         t->failed = true;
         return NULL;
     }
     tape_push(t, checkpoint_bwd, &(checkpoint_ctx){x, out, fn, ctx}, sizeof(checkpoint_ctx));
     return out;
+}
+
+// ----------------------------------------------------------------------------
+// names of the GEMM precisions (here, not in a .cu: recipes parse them in
+// builds without CUDA too)
+
+static const char *const precision_names[] = {"fp32", "tf32", "bf16", "fp16"};
+
+const char *ag_precision_name(ag_precision p) {
+    return (unsigned)p < sizeof precision_names / sizeof precision_names[0] ? precision_names[p] : "?";
+}
+
+int ag_precision_parse(const char *s, ag_precision *p, q_err *err) {
+    for (int i = 0; i < (int)(sizeof precision_names / sizeof precision_names[0]); i++)
+        if (strcmp(s, precision_names[i]) == 0) {
+            *p = (ag_precision)i;
+            return 0;
+        }
+    return q_err_set(err, "unknown precision \"%s\" (expected fp32, tf32, bf16 or fp16)", s);
 }

@@ -3,6 +3,7 @@
 //
 //   qlora step MODEL_DIR --batch BATCH.safetensors --out OUT.safetensors
 //              [--adapter PEFT_DIR | --lora-r R] [--checkpoint] [--logits] [--repeat N]
+//              [--device cpu|cuda] [--precision fp32|tf32|bf16|fp16]
 //
 // BATCH holds input_ids [B,T], optional labels [B,T] (HF convention:
 // unshifted, -100 masked; default = input_ids) and optional doc_ids [B,T]
@@ -60,19 +61,23 @@ static int usage(void) {
     fprintf(stderr,
             "usage: qlora step MODEL_DIR --batch BATCH.safetensors --out OUT.safetensors\n"
             "                  [--adapter PEFT_DIR | --lora-r R] [--checkpoint] [--logits] [--repeat N]\n"
-            "                  [--blocksize 64]\n"
+            "                  [--blocksize 64] [--device cpu|cuda] [--precision fp32|tf32|bf16|fp16]\n"
             "One forward + backward. MODEL_DIR: HF safetensors folder (quantized to NF4 + double quant at load)\n"
             "or bnb-4bit checkpoint. BATCH: input_ids [B,T], optional labels (HF convention, -100 masked) and\n"
             "doc_ids (packed documents). OUT: loss and every LoRA gradient under its PEFT name.\n"
             "Without --adapter a fresh all-linear adapter of rank R (default 16) is made, as PEFT inits it.\n"
-            "--repeat N times N steps and prints tokens/s and peak memory.\n");
+            "--repeat N times N steps and prints tokens/s and peak memory.\n"
+            "--device cuda runs the step on the GPU (the base and LM-head GEMMs in --precision, default bf16;\n"
+            "fp32 is the reference that matches the CPU to ~1e-6). --logits needs the CPU.\n");
     return 2;
 }
 
 int cmd_step(int argc, char **argv) {
     const char *model_dir = NULL, *batch_path = NULL, *out_path = NULL, *adapter = NULL;
     int64_t lora_r = 16, repeat = 0, blocksize = NF4_DEFAULT_BLOCKSIZE;
-    bool checkpoint = false, want_logits = false;
+    bool checkpoint = false, want_logits = false, cuda = false;
+    ag_precision precision = AG_PRECISION_BF16;
+    q_err err;
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
         const bool has = i + 1 < argc;
@@ -85,6 +90,14 @@ int cmd_step(int argc, char **argv) {
         else if (strcmp(a, "--blocksize") == 0 && has) blocksize = atoll(argv[++i]);
         else if (strcmp(a, "--checkpoint") == 0) checkpoint = true;
         else if (strcmp(a, "--logits") == 0) want_logits = true;
+        else if (strcmp(a, "--device") == 0 && has && (!strcmp(argv[i + 1], "cpu") || !strcmp(argv[i + 1], "cuda")))
+            cuda = strcmp(argv[++i], "cuda") == 0;
+        else if (strcmp(a, "--precision") == 0 && has) {
+            if (ag_precision_parse(argv[++i], &precision, &err)) {
+                fprintf(stderr, "error: qlora step: %s\n", err.msg);
+                return 2;
+            }
+        }
         else if (a[0] != '-' && !model_dir) model_dir = a;
         else {
             fprintf(stderr, "error: qlora step: unexpected argument '%s'\n", a);
@@ -92,9 +105,14 @@ int cmd_step(int argc, char **argv) {
         }
     }
     if (!model_dir || !batch_path || (!out_path && !repeat)) return usage();
+    if (cuda && want_logits) {
+        fprintf(stderr, "error: qlora step: --logits is computed on the CPU only; drop --device cuda\n");
+        return 2;
+    }
 
-    q_err err;
     model m;
+    model_cuda dev;
+    memset(&dev, 0, sizeof dev);
     lora l;
     model_batch b;
     memset(&b, 0, sizeof b);
@@ -111,28 +129,32 @@ int cmd_step(int argc, char **argv) {
         if (lora_init(&l, &m, &c, &err)) goto fail;
     }
     if (model_batch_load(&b, batch_path, m.cfg.vocab, &err)) goto fail;
+    if (cuda && model_cuda_upload(&dev, &m, &l, precision, &err)) goto fail;
 
     model_step_opts o = {.checkpoint = checkpoint};
     model_step_result r;
+#define STEP() (cuda ? model_cuda_step(&dev, &l, &b, &o, &r, &err) : model_step(&m, &l, &b, &o, &r, &err))
     if (repeat > 0) {
-        // warm-up step, then the timed ones
-        if (model_step(&m, &l, &b, &o, &r, &err)) goto fail;
+        // warm-up step, then the timed ones (a device step returns after its stream has finished)
+        if (STEP()) goto fail;
         t0 = now_s();
         for (int64_t i = 0; i < repeat; i++) {
             lora_zero_grad(&l);
-            if (model_step(&m, &l, &b, &o, &r, &err)) goto fail;
+            if (STEP()) goto fail;
         }
         const double dt = (now_s() - t0) / (double)repeat;
         struct rusage ru;
         getrusage(RUSAGE_SELF, &ru);
         printf("{\"tokens\": %lld, \"step_s\": %.6f, \"tokens_per_s\": %.1f, \"peak_rss_mb\": %.1f, "
                "\"activation_peak_mb\": %.1f, \"load_s\": %.3f, \"loss\": %.6f, \"gemm\": \"%s\", "
-               "\"checkpoint\": %s}\n",
+               "\"checkpoint\": %s, \"device\": \"%s\"}\n",
                (long long)b.N, dt, (double)b.N / dt, (double)ru.ru_maxrss / 1024.0, (double)r.peak_bytes / 1048576.0,
-               t_load, r.loss, ag_gemm_backend(), checkpoint ? "true" : "false");
+               t_load, r.loss, cuda ? ag_precision_name(precision) : ag_gemm_backend(), checkpoint ? "true" : "false",
+               cuda ? "cuda" : "cpu");
     }
     lora_zero_grad(&l);
-    if (model_step(&m, &l, &b, &o, &r, &err)) goto fail;
+    if (STEP()) goto fail;
+#undef STEP
     if (want_logits) {
         logits = malloc((size_t)(b.N * m.cfg.vocab) * sizeof *logits);
         model_step_result rf;
@@ -149,6 +171,7 @@ int cmd_step(int argc, char **argv) {
     }
     status = 0;
 fail:
+    model_cuda_free(&dev);
     free(logits);
     model_batch_free(&b);
     lora_free(&l);

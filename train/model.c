@@ -395,29 +395,56 @@ void model_batch_free(model_batch *b) {
 }
 
 // ----------------------------------------------------------------------------
+// the weights a pass reads
+
+int model_weights_host(model_weights *w, const model *m, q_err *err) {
+    const model_config *c = &m->cfg;
+    *w = (model_weights){c, m->embed, m->final_norm, m->lm_head, m->inv_freq, NULL};
+    w->layers = calloc((size_t)c->n_layers, sizeof *w->layers);
+    if (!w->layers) return q_err_set(err, "model: out of memory");
+    for (int64_t i = 0; i < c->n_layers; i++) {
+        const model_layer *L = &m->layers[i];
+        model_layer_weights *lw = &w->layers[i];
+        lw->attn_norm = L->attn_norm;
+        lw->mlp_norm = L->mlp_norm;
+        for (int id = 0; id < LIN_COUNT; id++) {
+            lw->w[id] = nf4_tensor_view(&L->w[id]);
+            lw->w_dtype[id] = L->w[id].dtype;
+            lw->bias[id] = L->bias[id];
+        }
+    }
+    return 0;
+}
+
+void model_weights_free(model_weights *w) {
+    free(w->layers);
+    w->layers = NULL;
+}
+
+// ----------------------------------------------------------------------------
 // the forward as ops on a tape
 
 typedef struct layer_ctx {
-    const model *m;
-    const lora *l;  // may be NULL
-    const model_batch *b;
+    const model_pass *p;
     int64_t layer;
     uint64_t step;
     bool grads;     // LoRA gradients wanted
 } layer_ctx;
 
 static ag_linear layer_linear(const layer_ctx *c, model_linear_id id) {
-    const model_layer *L = &c->m->layers[c->layer];
-    const nf4_tensor *w = &L->w[id];
-    ag_linear lin = {.in = w->shape[1], .out = w->shape[0], .w = nf4_tensor_view(w), .w_dtype = w->dtype,
-                     .bias = L->bias[id]};
-    const lora_module *a = c->l ? lora_mod(c->l, c->layer, id) : NULL;
+    const model_weights *mw = c->p->w;
+    const model_layer_weights *L = &mw->layers[c->layer];
+    int64_t out, in;
+    model_linear_shape(mw->cfg, id, &out, &in);
+    ag_linear lin = {.in = in, .out = out, .w = L->w[id], .w_dtype = L->w_dtype[id], .bias = L->bias[id]};
+    const lora *l = c->p->l;
+    const lora_module *a = l ? lora_mod(l, c->layer, id) : NULL;
     if (a && a->r > 0) {
         lin.r = a->r;
-        lin.scale = c->l->scale;
-        lin.dropout = c->grads ? c->l->cfg.dropout : 0.0f;  // evaluation runs without dropout
-        lin.dropout_seed = ag_rng_hash(c->l->cfg.seed ^ 0xd409u, (c->step * (uint64_t)c->m->cfg.n_layers +
-                                                                   (uint64_t)c->layer) * LIN_COUNT + id);
+        lin.scale = l->scale;
+        lin.dropout = c->grads ? l->cfg.dropout : 0.0f;  // evaluation runs without dropout
+        lin.dropout_seed = ag_rng_hash(l->cfg.seed ^ 0xd409u, (c->step * (uint64_t)mw->cfg->n_layers +
+                                                               (uint64_t)c->layer) * LIN_COUNT + id);
         lin.A = a->A;
         lin.B = a->B;
         if (c->grads) lin.dA = a->dA, lin.dB = a->dB;
@@ -427,17 +454,18 @@ static ag_linear layer_linear(const layer_ctx *c, model_linear_id id) {
 
 static ag_tensor *layer_forward(ag_tape *t, ag_tensor *x, void *p) {
     const layer_ctx *c = p;
-    const model_config *cfg = &c->m->cfg;
-    const model_layer *L = &c->m->layers[c->layer];
+    const model_pass *ps = c->p;
+    const model_config *cfg = ps->w->cfg;
+    const model_layer_weights *L = &ps->w->layers[c->layer];
     const int64_t H = cfg->n_heads, Hkv = cfg->n_kv_heads, hd = cfg->head_dim;
     ag_linear lin[LIN_COUNT];
     for (int id = 0; id < LIN_COUNT; id++) lin[id] = layer_linear(c, (model_linear_id)id);
 
     ag_tensor *h = ag_rmsnorm(t, x, L->attn_norm, cfg->rms_eps);
-    ag_tensor *q = ag_rope(t, ag_linear_apply(t, h, &lin[LIN_Q]), c->b->pos, c->m->inv_freq, H, hd);
-    ag_tensor *k = ag_rope(t, ag_linear_apply(t, h, &lin[LIN_K]), c->b->pos, c->m->inv_freq, Hkv, hd);
+    ag_tensor *q = ag_rope(t, ag_linear_apply(t, h, &lin[LIN_Q]), ps->pos, ps->w->inv_freq, H, hd);
+    ag_tensor *k = ag_rope(t, ag_linear_apply(t, h, &lin[LIN_K]), ps->pos, ps->w->inv_freq, Hkv, hd);
     ag_tensor *v = ag_linear_apply(t, h, &lin[LIN_V]);
-    ag_tensor *a = ag_attention(t, q, k, v, c->b->start, H, Hkv, hd);
+    ag_tensor *a = ag_attention(t, q, k, v, ps->start, H, Hkv, hd);
     x = ag_add(t, x, ag_linear_apply(t, a, &lin[LIN_O]));
 
     h = ag_rmsnorm(t, x, L->mlp_norm, cfg->rms_eps);
@@ -446,15 +474,15 @@ static ag_tensor *layer_forward(ag_tape *t, ag_tensor *x, void *p) {
 }
 
 // Runs embed -> layers -> final norm on tape t; returns the normed hidden [N,D].
-static ag_tensor *trunk_forward(ag_tape *t, const model *m, const lora *l, const model_batch *b, bool grads,
-                                bool checkpoint, uint64_t step, layer_ctx *ctxs) {
-    const model_config *c = &m->cfg;
-    ag_tensor *x = ag_embedding(t, b->ids, m->embed, b->N, c->hidden);
+static ag_tensor *trunk_forward(ag_tape *t, const model_pass *p, bool grads, bool checkpoint, uint64_t step,
+                                layer_ctx *ctxs) {
+    const model_config *c = p->w->cfg;
+    ag_tensor *x = ag_embedding(t, p->ids, p->w->embed, p->b->N, c->hidden);
     for (int64_t i = 0; i < c->n_layers; i++) {
-        ctxs[i] = (layer_ctx){m, l, b, i, step, grads};
+        ctxs[i] = (layer_ctx){p, i, step, grads};
         x = checkpoint ? ag_checkpoint(t, x, layer_forward, &ctxs[i]) : layer_forward(t, x, &ctxs[i]);
     }
-    return ag_rmsnorm(t, x, m->final_norm, c->rms_eps);
+    return ag_rmsnorm(t, x, p->w->final_norm, c->rms_eps);
 }
 
 static int64_t count_valid(const model_batch *b) {
@@ -471,41 +499,63 @@ static void loss_chunks(const model_config *c, const model_step_opts *o, int64_t
     if (!(o && o->vocab_chunk > 0) && *tc * *vc > (16 << 20)) *vc = ((16 << 20) / *tc + 63) / 64 * 64;
 }
 
-// One pass: forward (and, when training, the backward into l's gradients).
-// Training turns LoRA dropout on; the forward-only pass is evaluation.
-static int model_run(const model *m, const lora *l, const model_batch *b, const model_step_opts *o, bool training,
-                     float *logits, model_step_result *r, q_err *err) {
+int model_pass_run(const model_pass *p, const model_step_opts *o, bool training, float *logits,
+                   model_step_result *r, q_err *err) {
     memset(r, 0, sizeof *r);
-    const model_config *c = &m->cfg;
-    const int64_t ws_numel = model_max_linear_numel(c);
-    float *ws = malloc((size_t)ws_numel * sizeof(float));
+    const model_config *c = p->w->cfg;
+    const model_batch *b = p->b;
+    if (logits && p->cuda) return q_err_set(err, "model: logits are only returned by CPU passes");
+    // the CPU dequantizes each base weight into one fp32 workspace; the
+    // device keeps its workspace in the CUDA context
+    const int64_t ws_numel = p->cuda ? 0 : model_max_linear_numel(c);
+    float *ws = ws_numel ? malloc((size_t)ws_numel * sizeof(float)) : NULL;
     layer_ctx *ctxs = malloc((size_t)c->n_layers * sizeof *ctxs);
-    if (!ws || !ctxs) {
+    if ((ws_numel && !ws) || !ctxs) {
         free(ws), free(ctxs);
         return q_err_set(err, "model: out of memory for the dequantization workspace");
     }
     ag_mem mem = {0, 0};
     ag_tape t;
-    ag_tape_init(&t, training, &mem, ws, ws_numel);
+    if (p->cuda) ag_tape_init_cuda(&t, training, &mem, p->cuda);
+    else ag_tape_init(&t, training, &mem, ws, ws_numel);
     const int64_t valid = count_valid(b);
     const float scale = o->grad_scale > 0 ? o->grad_scale : valid ? 1.0f / (float)valid : 0.0f;
     int64_t tc, vc;
     loss_chunks(c, o, &tc, &vc);
-    ag_tensor *h = trunk_forward(&t, m, l, b, training, training && o->checkpoint, o->step, ctxs);
+    ag_tensor *h = trunk_forward(&t, p, training, training && o->checkpoint, o->step, ctxs);
     if (h && logits)
-        ag_gemm(false, true, b->N, c->vocab, c->hidden, 1.0f, h->data, c->hidden, m->lm_head, c->hidden, 0.0f,
+        ag_gemm(false, true, b->N, c->vocab, c->hidden, 1.0f, h->data, c->hidden, p->w->lm_head, c->hidden, 0.0f,
                 logits, c->vocab);
-    ag_loss(&t, h, m->lm_head, b->targets, c->vocab, scale, tc, vc, &r->loss_sum, &r->n_valid);
+    ag_loss(&t, h, p->w->lm_head, p->targets, c->vocab, scale, tc, vc, &r->loss_sum, &r->n_valid);
     if (training && !t.failed && h) ag_tape_backward(&t);
+    if (p->cuda && !t.failed && ag_cuda_ctx_sync(p->cuda, &t.err)) t.failed = true;
     const bool failed = t.failed || !h;
+    q_err terr = t.err;
     ag_tape_free(&t);
     free(ws);
     free(ctxs);
-    if (failed) return q_err_set(err, "model: out of memory for activations");
+    if (failed) {
+        if (terr.msg[0]) {
+            *err = terr;
+            return q_err_wrap(err, "model: %s pass", p->cuda ? "device" : "CPU");
+        }
+        return q_err_set(err, "model: out of memory for activations");
+    }
     r->loss = r->n_valid ? r->loss_sum / (double)r->n_valid : 0.0;
     r->peak_bytes = mem.peak;
     if (!isfinite(r->loss)) return q_err_set(err, "model: the loss is not finite (%g)", r->loss);
     return 0;
+}
+
+// One CPU pass: training turns LoRA dropout on; forward-only is evaluation.
+static int model_run(const model *m, const lora *l, const model_batch *b, const model_step_opts *o, bool training,
+                     float *logits, model_step_result *r, q_err *err) {
+    model_weights w;
+    if (model_weights_host(&w, m, err)) return -1;
+    const model_pass p = {&w, l, NULL, b->ids, b->targets, b->pos, b->start, b};
+    const int rc = model_pass_run(&p, o, training, logits, r, err);
+    model_weights_free(&w);
+    return rc;
 }
 
 int model_step(const model *m, lora *l, const model_batch *b, const model_step_opts *o, model_step_result *r,

@@ -194,12 +194,76 @@ typedef struct model_step_result {
     int64_t peak_bytes;     // activation memory the tapes held at most
 } model_step_result;
 
+// The tensors a pass reads, wherever they live: model_weights_host points
+// into the model, model_cuda into its device copies. Shapes from the config.
+typedef struct model_layer_weights {
+    const float *attn_norm, *mlp_norm;   // [D]
+    nf4_view w[LIN_COUNT];               // frozen base (arrays on the same side)
+    q_dtype w_dtype[LIN_COUNT];          // what the base was quantized from
+    const float *bias[LIN_COUNT];        // [out] or NULL
+} model_layer_weights;
+
+typedef struct model_weights {
+    const model_config *cfg;
+    const float *embed, *final_norm, *lm_head;  // [V,D], [D], [V,D]
+    const float *inv_freq;                      // [hd/2]
+    model_layer_weights *layers;                // [n_layers] (host array)
+} model_weights;
+
+// Where one pass runs: the CPU (cuda NULL; batch arrays on the host) or a
+// CUDA context (weights, LoRA A/B/dA/dB and batch arrays on the device).
+typedef struct model_pass {
+    const model_weights *w;
+    const lora *l;              // may be NULL; its A, B, dA, dB on the pass's side
+    ag_cuda_ctx *cuda;
+    const int32_t *ids, *targets, *pos, *start;  // [N] each, on the pass's side
+    const model_batch *b;       // the host batch (shape, target count)
+} model_pass;
+
+int model_weights_host(model_weights *w, const model *m, q_err *err);  // views into m; free with model_weights_free
+void model_weights_free(model_weights *w);
+// One pass: forward (and, when training, the backward into the LoRA's
+// gradients); logits[N,V] (host memory, CPU passes only) when not NULL.
+int model_pass_run(const model_pass *p, const model_step_opts *o, bool training, float *logits,
+                   model_step_result *r, q_err *err);
+
 // Forward and backward: LoRA gradients are accumulated into l's dA/dB.
 int model_step(const model *m, lora *l, const model_batch *b, const model_step_opts *o, model_step_result *r,
                q_err *err);
 // Forward only; logits[N,V] when not NULL, loss when b has targets.
 int model_forward(const model *m, const lora *l, const model_batch *b, float *logits, model_step_result *r,
                   q_err *err);
+
+// ----------------------------------------------------------------------------
+// the model on a CUDA device (model_cuda.c). The NF4 weights (still 4-bit),
+// norms, embedding and LM head are copied to the device once; a step uploads
+// the batch and the adapter's current A/B, runs the pass there and adds the
+// LoRA gradients into the host adapter's dA/dB, so the optimizer,
+// checkpoints and exports are the CPU trainer's own.
+
+typedef struct model_cuda {
+    ag_cuda_ctx *ctx;
+    model_weights w;            // device pointers (layers: a host array)
+    lora l;                     // the adapter's shape, its A/B/dA/dB on the device (no fp16 copies)
+    float *lora_dev;            // [2 * lora_numel] A/B values then gradients, one device buffer
+    float *lora_host;           // [lora_numel] staging for uploads and downloads
+    int64_t lora_numel;         // floats of all A and B together
+    int32_t *batch_dev;         // [4 * batch_cap] ids | targets | pos | start
+    int64_t batch_cap;
+    void **bufs;                // every other device allocation, freed together
+    int64_t n_bufs, cap_bufs;
+    int64_t weight_bytes;       // device bytes of the uploaded weights
+} model_cuda;
+
+// Copies m to the device and makes room for adapters shaped like l (NULL: no
+// adapter). Precision of the base and LM-head GEMMs: prec.
+int model_cuda_upload(model_cuda *d, const model *m, const lora *l, ag_precision prec, q_err *err);
+// As model_step / model_forward (no logits), on the device. l must have the
+// shape given to model_cuda_upload.
+int model_cuda_step(model_cuda *d, lora *l, const model_batch *b, const model_step_opts *o, model_step_result *r,
+                    q_err *err);
+int model_cuda_forward(model_cuda *d, const lora *l, const model_batch *b, model_step_result *r, q_err *err);
+void model_cuda_free(model_cuda *d);
 
 // ----------------------------------------------------------------------------
 // generation: a KV-cached forward, greedy or temperature / top-p sampling
@@ -254,6 +318,8 @@ typedef struct recipe {
     int64_t train_micro_batch_size, train_gradient_accumulation_steps, train_epochs, train_max_steps;
     bool train_recompute;        // train.recompute: none | all
     int64_t train_threads;       // 0 = all cores
+    char train_device[8];        // cpu | cuda
+    char train_precision[8];     // fp32 | tf32 | bf16 | fp16: the device's base and LM-head GEMMs
     int64_t train_log_every;
     // optim
     double optim_lr, optim_weight_decay, optim_beta1, optim_beta2, optim_eps, optim_max_grad_norm;
