@@ -118,6 +118,10 @@ static const key_def keys[] = {
     {"train.recompute", KT_ONOFF, AT(train_recompute, bool), 0, 0, 0, "all", "none|all", "mlp",
      "activation checkpointing: none, or all (recompute every layer in the backward)"},
     INT("train.threads", train_threads, 0, 4096, 0, "0", "CPU threads; 0: all cores"),
+    CHOICE("train.device", train_device, "cpu", "cpu|cuda", NULL,
+           "where the step runs: cpu (the fp32 reference) or cuda (the first GPU; optimizer stays on the host)"),
+    CHOICE("train.precision", train_precision, "bf16", "fp32|tf32|bf16|fp16", "fp8",
+           "cuda only: math of the frozen-base and LM-head GEMMs (LoRA GEMMs are fp32); bf16 needs sm80+"),
     INT("train.log_every", train_log_every, 1, INF, 0, "1", "print a progress line every N steps"),
 
     {"optim.name", KT_CHOICE, NOWHERE, 0, 0, FIXED, "adamw", "adamw", "adamw8bit|paged_adamw8bit|paged_adamw",

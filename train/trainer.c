@@ -76,6 +76,8 @@ typedef struct trainer {
     const recipe *r;
     model m;
     lora l;
+    model_cuda dev;          // the model on the GPU when train.device is cuda
+    bool cuda;
     tok_tokenizer *tok;
     data_set data;
     data_loader loader;
@@ -101,6 +103,7 @@ static void trainer_free(trainer *t) {
     data_loader_free(&t->loader);
     data_free(&t->data);
     if (t->tok) tok_free(t->tok);
+    model_cuda_free(&t->dev);
     lora_free(&t->l);
     model_free(&t->m);
     free(t->train_loss), free(t->val_loss), free(t->val_step);
@@ -151,6 +154,23 @@ static int memory_plan(const trainer *t, q_err *err) {
     const double layer = 2 * 4 * N * (5 * D + 2 * qkv + (double)(c->n_heads * c->head_dim) + 3 * F);
     const double acts = r->train_recompute ? (double)c->n_layers * N * D * 4 + layer : (double)c->n_layers * layer;
     const double workspace = (double)model_max_linear_numel(c) * 4 + 256.0 * (double)c->vocab * 4 * 2;
+    if (t->cuda) {
+        // on the device: weights, A/B values and gradients (fp32), activations, the
+        // dequantization workspace and the loss head's logits; the optimizer stays on the host
+        char name[256];
+        int64_t free_b, total_b;
+        if (ag_cuda_device_info(name, sizeof name, &free_b, &total_b, err)) return -1;
+        const double dev = weights + n_lora * 8 + acts + workspace;
+        fprintf(stderr, "device plan: %s: weights %.0f MB, adapters %.1f MB, activations %.0f MB (%s), workspace %.0f "
+                "MB; total %.0f MB of %.0f MB free (the host keeps the optimizer: %.1f MB)\n", name, weights / 1e6,
+                n_lora * 8 / 1e6, acts / 1e6, r->train_recompute ? "recompute: all" : "no recompute", workspace / 1e6,
+                dev / 1e6, (double)free_b / 1e6, (adapters + optimizer) / 1e6);
+        if (dev > 0.9 * (double)free_b)
+            return q_err_set(err, "the run needs about %.1f GB of GPU memory but %s has %.1f GB free: lower "
+                             "train.micro_batch_size or data.seq_len, or set train.recompute: all", dev / 1e9, name,
+                             (double)free_b / 1e9);
+        return 0;
+    }
     const double total = weights + adapters + optimizer + acts + workspace;
     const double ram = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
     fprintf(stderr,
@@ -307,7 +327,8 @@ static int evaluate(trainer *t, double *loss, q_err *err) {
         model_batch b;
         model_step_result res;
         rc = model_batch_init(&b, B, T, t->ids, t->labels, t->docs, t->m.cfg.vocab, err);
-        if (!rc) rc = model_forward(&t->m, &t->l, &b, NULL, &res, err);
+        if (!rc) rc = t->cuda ? model_cuda_forward(&t->dev, &t->l, &b, &res, err)
+                              : model_forward(&t->m, &t->l, &b, NULL, &res, err);
         model_batch_free(&b);
         if (!rc) sum += res.loss_sum, count += res.n_valid;
     }
@@ -425,7 +446,8 @@ static int train_step(trainer *t, double *loss, double *grad_norm, int64_t *toke
         if (model_batch_init(&b, B, T, t->ids + k * B * T, t->labels + k * B * T, t->docs + k * B * T,
                              t->m.cfg.vocab, err))
             return -1;
-        int rc = model_step(&t->m, &t->l, &b, &o, &res, err);
+        int rc = t->cuda ? model_cuda_step(&t->dev, &t->l, &b, &o, &res, err)
+                         : model_step(&t->m, &t->l, &b, &o, &res, err);
         model_batch_free(&b);
         if (rc) return q_err_wrap(err, "step %lld", (long long)t->step + 1);
         loss_sum += res.loss_sum;
@@ -525,6 +547,15 @@ static int setup(trainer *t, bool resume, q_err *err) {
     lora_config lc = {.r = r->lora_r, .alpha = (float)r->lora_alpha, .dropout = (float)r->lora_dropout,
                       .rslora = r->lora_rslora, .targets = r->lora_targets, .seed = r->seed};
     if (lora_init(&t->l, &t->m, &lc, err)) return -1;
+    if (strcmp(r->train_device, "cuda") == 0) {
+        ag_precision prec;
+        if (ag_precision_parse(r->train_precision, &prec, err)) return -1;
+        t0 = now_s();
+        if (model_cuda_upload(&t->dev, &t->m, &t->l, prec, err)) return q_err_wrap(err, "train.device: cuda");
+        t->cuda = true;
+        fprintf(stderr, "device: cuda, %s GEMMs; %.0f MB of weights copied in %.1fs\n", ag_precision_name(prec),
+                (double)t->dev.weight_bytes / 1e6, now_s() - t0);
+    }
     t->n_params = lora_params(&t->l, NULL);
     t->params = malloc((size_t)t->n_params * sizeof *t->params);
     if (!t->params) return q_err_set(err, "out of memory");
