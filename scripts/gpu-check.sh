@@ -34,17 +34,27 @@ cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DQLORA_CUDA=ON -DCMAKE_CUDA_
 
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 # the suites that launch CUDA kernels (the rest are CPU-only and run below)
-for t in build-gpu/test_nf4 build-gpu/test_ops_cuda; do
-  [ -x "$t" ] || continue
+cuda_suites="test_nf4 test_ops_cuda test_attention_cuda test_loss_cuda test_linear_cuda test_model_cuda"
+for t in $cuda_suites; do
+  [ -x "build-gpu/$t" ] || { echo "MISSING build-gpu/$t"; status=1; continue; }
   if [ -n "$sanitizer" ]; then
     echo "== $t under compute-sanitizer (memcheck)"
-    "$sanitizer" --tool memcheck --error-exitcode 99 "$t" || status=1
+    "$sanitizer" --tool memcheck --error-exitcode 99 "build-gpu/$t" || status=1
   fi
+done
+# the kernels that share memory between threads: races and barrier misuse
+for t in test_attention_cuda test_loss_cuda test_ops_cuda; do
+  [ -n "$sanitizer" ] && [ -x "build-gpu/$t" ] || continue
+  for tool in racecheck synccheck; do
+    echo "== $t under compute-sanitizer ($tool)"
+    "$sanitizer" --tool "$tool" --error-exitcode 99 "build-gpu/$t" 2>&1 | tail -n 20 || { echo "$tool FAILED on $t"; status=1; }
+  done
 done
 echo "== all tests"
 (cd build-gpu && ctest --output-on-failure) || status=1
 
 echo "== benchmarks"
 if [ -x build-gpu/bench_dequant_cuda ]; then build-gpu/bench_dequant_cuda || status=1; fi
+if [ -x build-gpu/bench_step_cuda ]; then build-gpu/bench_step_cuda --cpu-steps 1 --gpu-steps 5 || status=1; fi
 echo "== gpu-check finished with status $status"
 exit $status
