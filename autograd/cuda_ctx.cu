@@ -26,6 +26,9 @@ extern "C" int ag_cuda_malloc(void **p, int64_t bytes, q_err *err) {
                          cudaGetErrorString(e));
     }
     Q_CUDA_CHECK(cudaMemset(d, 0, (size_t)(bytes ? bytes : 4)), err);
+    // cudaMemset is queued on the legacy stream, which the contexts'
+    // non-blocking streams never wait for: the zeros must land first
+    Q_CUDA_CHECK(cudaStreamSynchronize(0), err);
     *p = d;
     return 0;
 }
