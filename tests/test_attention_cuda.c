@@ -36,43 +36,6 @@
         DEV_CHECK(cudaDeviceSynchronize()); \
     } while (0)
 
-static bool have_device(void) {
-    if (ag_cuda_available()) return true;
-    printf("\n    SKIPPED: no CUDA device present; the CUDA kernels were not run ");
-    return false;
-}
-
-// ----------------------------------------------------------------------------
-// host <-> device helpers (every buffer holds at least one element)
-
-static void *dev_alloc(size_t bytes) {
-    void *d = NULL;
-    DEV_CHECK(cudaMalloc(&d, bytes ? bytes : 4));
-    return d;
-}
-
-static float *dev_put(const float *h, int64_t n) {
-    float *d = dev_alloc((size_t)n * sizeof(float));
-    DEV_CHECK(cudaMemcpy(d, h, (size_t)n * sizeof(float), cudaMemcpyHostToDevice));
-    return d;
-}
-
-static int32_t *dev_put_i32(const int32_t *h, int64_t n) {
-    int32_t *d = dev_alloc((size_t)n * sizeof(int32_t));
-    DEV_CHECK(cudaMemcpy(d, h, (size_t)n * sizeof(int32_t), cudaMemcpyHostToDevice));
-    return d;
-}
-
-static float *dev_poisoned(int64_t n) {  // every element NaN
-    float *d = dev_alloc((size_t)n * sizeof(float));
-    DEV_CHECK(cudaMemset(d, 0xff, (size_t)n * sizeof(float)));
-    return d;
-}
-
-static void dev_get(float *h, const float *d, int64_t n) {
-    DEV_CHECK(cudaMemcpy(h, d, (size_t)n * sizeof(float), cudaMemcpyDeviceToHost));
-}
-
 static float *host_normal(int64_t n, float sd, uint64_t *rng) {
     float *h = malloc((size_t)(n ? n : 1) * sizeof(float));
     for (int64_t i = 0; i < n; i++) h[i] = sd * test_normal(rng);
@@ -132,32 +95,32 @@ static void run_case(const attn_case *c, uint64_t *rng) {
     float *q = host_normal(nq, 1.0f, rng), *k = host_normal(nkv, 1.0f, rng), *v = host_normal(nkv, 1.0f, rng);
     float *dout = host_normal(nq, 1.0f, rng);
     float *out = host_alloc(nq), *lse = host_alloc(nl), *got = host_alloc(nq), *got_l = host_alloc(nl);
-    int32_t *d_start = dev_put_i32(start, N);
-    float *d_q = dev_put(q, nq), *d_k = dev_put(k, nkv), *d_v = dev_put(v, nkv), *d_dout = dev_put(dout, nq);
-    float *d_out = dev_poisoned(nq), *d_lse = dev_poisoned(nl);
+    int32_t *d_start = test_dev_put_i32(start, N);
+    float *d_q = test_dev_put(q, nq), *d_k = test_dev_put(k, nkv), *d_v = test_dev_put(v, nkv), *d_dout = test_dev_put(dout, nq);
+    float *d_out = test_dev_poisoned(nq), *d_lse = test_dev_poisoned(nl);
 
     ag_attention_forward(out, lse, q, k, v, start, N, H, Hkv, hd);
     RUN(ag_cuda_attention_forward(d_out, d_lse, d_q, d_k, d_v, d_start, N, H, Hkv, hd, NULL, &err_));
-    dev_get(got, d_out, nq);
-    dev_get(got_l, d_lse, nl);
+    test_dev_get(got, d_out, nq);
+    test_dev_get(got_l, d_lse, nl);
     expect_close(got, out, nq, "attention out", c->name);
     expect_close(got_l, lse, nl, "attention lse", c->name);
 
     // backward from the CPU's out and lse, into gradients that hold values
     float *dq = host_normal(nq, 1.0f, rng), *dk = host_normal(nkv, 1.0f, rng), *dv = host_normal(nkv, 1.0f, rng);
-    float *d_out_ref = dev_put(out, nq), *d_lse_ref = dev_put(lse, nl);
+    float *d_out_ref = test_dev_put(out, nq), *d_lse_ref = test_dev_put(lse, nl);
     const int64_t ns = ag_cuda_attention_backward_scratch_floats(N, H);
     CU_ASSERT(ns >= N * H);
-    float *d_scratch = dev_poisoned(ns);
+    float *d_scratch = test_dev_poisoned(ns);
     float *gq[2], *gk[2], *gv[2];  // two GPU runs from the same start
     for (int run = 0; run < 2; run++) {
-        float *d_dq = dev_put(dq, nq), *d_dk = dev_put(dk, nkv), *d_dv = dev_put(dv, nkv);
+        float *d_dq = test_dev_put(dq, nq), *d_dk = test_dev_put(dk, nkv), *d_dv = test_dev_put(dv, nkv);
         RUN(ag_cuda_attention_backward(d_dq, d_dk, d_dv, d_dout, d_q, d_k, d_v, d_out_ref, d_lse_ref, d_start, N, H,
                                        Hkv, hd, d_scratch, NULL, &err_));
         gq[run] = host_alloc(nq), gk[run] = host_alloc(nkv), gv[run] = host_alloc(nkv);
-        dev_get(gq[run], d_dq, nq);
-        dev_get(gk[run], d_dk, nkv);
-        dev_get(gv[run], d_dv, nkv);
+        test_dev_get(gq[run], d_dq, nq);
+        test_dev_get(gk[run], d_dk, nkv);
+        test_dev_get(gv[run], d_dv, nkv);
         cudaFree(d_dq), cudaFree(d_dk), cudaFree(d_dv);
     }
     ag_attention_backward(dq, dk, dv, dout, q, k, v, out, lse, start, N, H, Hkv, hd);
@@ -176,7 +139,7 @@ static void run_case(const attn_case *c, uint64_t *rng) {
 }
 
 static void test_attention(void) {
-    if (!have_device()) return;
+    if (!test_have_device("the CUDA kernels were")) return;
     uint64_t rng = 21;
     worst = 0;
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) run_case(&cases[c], &rng);

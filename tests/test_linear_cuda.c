@@ -72,29 +72,8 @@ static void test_precision_names(void) {
 
 static const double tols[N_PREC] = {1e-5, 5e-3, 2e-2, 2e-2};
 
-static bool have_device(void) {
-    if (ag_cuda_available()) return true;
-    printf("\n    SKIPPED: no CUDA device present; the CUDA GEMM and linear were not run ");
-    return false;
-}
-
 // ----------------------------------------------------------------------------
-// host <-> device helpers, through the public ag_cuda_* calls only (every
-// buffer holds at least one element; copies have finished on return)
-
-static void *dev_alloc(int64_t bytes) {
-    void *d = NULL;
-    OK(ag_cuda_malloc(&d, bytes > 0 ? bytes : 4, &err_));
-    return d;
-}
-
-static void *dev_put(const void *h, int64_t bytes) {
-    void *d = dev_alloc(bytes);
-    if (bytes > 0) OK(ag_cuda_copy(d, h, bytes, NULL, &err_));
-    return d;
-}
-
-static float *dev_put_f(const float *h, int64_t n) { return dev_put(h, n * (int64_t)sizeof(float)); }
+// host <-> device helpers beyond test_util's
 
 static void dev_poison(float *d, int64_t n) {  // every element NaN
     const size_t bytes = (size_t)n * sizeof(float);
@@ -102,10 +81,6 @@ static void dev_poison(float *d, int64_t n) {  // every element NaN
     memset(h, 0xff, bytes);
     if (bytes) OK(ag_cuda_copy(d, h, (int64_t)bytes, NULL, &err_));
     free(h);
-}
-
-static void dev_get(float *h, const float *d, int64_t n) {
-    if (n > 0) OK(ag_cuda_copy(h, d, n * (int64_t)sizeof(float), NULL, &err_));
 }
 
 static float *host_alloc(int64_t n) { return malloc((size_t)(n > 0 ? n : 1) * sizeof(float)); }
@@ -163,12 +138,12 @@ static void gemm_case(ag_cuda_ctx *ctx, int p, bool ta, bool tb, int64_t M, int6
         for (int64_t m = 0; m < M; m++) memset(C0 + m * ldc + off, 0xff, (size_t)N * sizeof(float));
     ag_gemm(ta, tb, M, N, K, alpha, A + off, lda, B + off, ldb, beta, Cref + off, ldc);
 
-    float *d_A = dev_put_f(A, na), *d_B = dev_put_f(B, nb), *d_C = dev_put_f(C0, nc);
+    float *d_A = test_dev_put(A, na), *d_B = test_dev_put(B, nb), *d_C = test_dev_put(C0, nc);
     OK(ag_cuda_gemm(ctx, precs[p], ta, tb, M, N, K, alpha, d_A + off, lda, d_B + off, ldb, beta, d_C + off, ldc,
                     &err_));
     OK(ag_cuda_ctx_sync(ctx, &err_));
     float *Cgot = host_alloc(nc), *got = host_alloc(M * N), *ref = host_alloc(M * N);
-    dev_get(Cgot, d_C, nc);
+    test_dev_get(Cgot, d_C, nc);
 
     // the M x N sub-matrix is compared; everything around it is untouched, bit for bit
     bool outside_same = true;
@@ -195,7 +170,7 @@ static void gemm_case(ag_cuda_ctx *ctx, int p, bool ta, bool tb, int64_t M, int6
 }
 
 static void test_gemm(void) {
-    if (!have_device()) return;
+    if (!test_have_device("the CUDA GEMM and linear were")) return;
     uint64_t rng = 21;
     memset(worst, 0, sizeof worst);
     // M, N, K: a single row, a single column, K not a multiple of 8, K = 8, a long K
@@ -268,10 +243,10 @@ static nf4_view upload_view(const nf4_tensor *qt) {
     d.numel = h.numel;
     d.blocksize = h.blocksize;
     d.offset = h.offset;
-    d.packed = dev_put(h.packed, nf4_packed_bytes(h.numel));
-    d.qabsmax = dev_put(h.qabsmax, nblocks);
-    d.nested_absmax = dev_put(h.nested_absmax, nnested * (int64_t)sizeof(float));
-    d.nested_map = dev_put(h.nested_map, 256 * (int64_t)sizeof(float));
+    d.packed = test_dev_put_bytes(h.packed, nf4_packed_bytes(h.numel));
+    d.qabsmax = test_dev_put_bytes(h.qabsmax, nblocks);
+    d.nested_absmax = test_dev_put_bytes(h.nested_absmax, nnested * (int64_t)sizeof(float));
+    d.nested_map = test_dev_put_bytes(h.nested_map, 256 * (int64_t)sizeof(float));
     return d;
 }
 
@@ -326,7 +301,7 @@ static void linear_case(ag_cuda_ctx *const *ctx, const lin_case *lc, int64_t N, 
     float *d_dense = NULL;
     if (lc->dense) {
         memcpy(Wref, W, (size_t)(O * I) * sizeof(float));
-        d_dense = dev_put_f(W, O * I);
+        d_dense = test_dev_put(W, O * I);
     } else {
         quantize_weight(&qt, W, O, I, w_dtype);
         reference_weight(Wref, &qt, w_dtype);
@@ -341,12 +316,12 @@ static void linear_case(ag_cuda_ctx *const *ctx, const lin_case *lc, int64_t N, 
     float *B = r ? host_normal(O * r, 0.1f, rng) : NULL;
     float *dy = host_normal(N * O, 1.0f, rng);
 
-    float *d_x = dev_put_f(x, N * I), *d_xd = lc->xd_distinct ? dev_put_f(xd, N * I) : d_x;
-    float *d_bias = bias ? dev_put_f(bias, O) : NULL;
-    float *d_A = r ? dev_put_f(A, r * I) : NULL, *d_B = r ? dev_put_f(B, O * r) : NULL;
-    float *d_dy = dev_put_f(dy, N * O);
-    float *d_y = dev_alloc(N * O * (int64_t)sizeof(float));
-    float *d_xa = r ? dev_alloc(N * r * (int64_t)sizeof(float)) : NULL;
+    float *d_x = test_dev_put(x, N * I), *d_xd = lc->xd_distinct ? test_dev_put(xd, N * I) : d_x;
+    float *d_bias = bias ? test_dev_put(bias, O) : NULL;
+    float *d_A = r ? test_dev_put(A, r * I) : NULL, *d_B = r ? test_dev_put(B, O * r) : NULL;
+    float *d_dy = test_dev_put(dy, N * O);
+    float *d_y = test_dev_alloc(N * O * (int64_t)sizeof(float));
+    float *d_xa = r ? test_dev_alloc(N * r * (int64_t)sizeof(float)) : NULL;
 
     ag_linear lin;
     memset(&lin, 0, sizeof lin);
@@ -372,10 +347,10 @@ static void linear_case(ag_cuda_ctx *const *ctx, const lin_case *lc, int64_t N, 
         if (r) dev_poison(d_xa, N * r);
         OK(ag_cuda_linear_forward(ctx[p], d_y, d_xa, d_x, r ? d_xd : NULL, &lin, N, &err_));
         OK(ag_cuda_ctx_sync(ctx[p], &err_));
-        dev_get(got, d_y, N * O);
+        test_dev_get(got, d_y, N * O);
         expect_close(got, y_ref, N * O, p, "forward y", label);
         if (r) {
-            dev_get(got, d_xa, N * r);
+            test_dev_get(got, d_xa, N * r);
             expect_close(got, xa_ref, N * r, p, "forward xa", label);
         }
         // the weight is expanded into the context's workspace, >= 16 bits an element
@@ -383,10 +358,10 @@ static void linear_case(ag_cuda_ctx *const *ctx, const lin_case *lc, int64_t N, 
     }
 
     // backward, from the CPU's xa, into gradients that hold values
-    float *d_xa_ref = r ? dev_put_f(xa_ref, N * r) : NULL;
-    float *d_dx = dev_alloc(N * I * (int64_t)sizeof(float)), *d_dxd = dev_alloc(N * I * (int64_t)sizeof(float));
-    float *d_dA = r ? dev_alloc(r * I * (int64_t)sizeof(float)) : NULL;
-    float *d_dB = r ? dev_alloc(O * r * (int64_t)sizeof(float)) : NULL;
+    float *d_xa_ref = r ? test_dev_put(xa_ref, N * r) : NULL;
+    float *d_dx = test_dev_alloc(N * I * (int64_t)sizeof(float)), *d_dxd = test_dev_alloc(N * I * (int64_t)sizeof(float));
+    float *d_dA = r ? test_dev_alloc(r * I * (int64_t)sizeof(float)) : NULL;
+    float *d_dB = r ? test_dev_alloc(O * r * (int64_t)sizeof(float)) : NULL;
     float *scratch = host_alloc(N * r);
     for (int mode = 0; mode < BWD_COUNT; mode++) {
         const bool want_dx = mode != BWD_NO_DX, separate = mode == BWD_SEPARATE;
@@ -424,7 +399,7 @@ static void linear_case(ag_cuda_ctx *const *ctx, const lin_case *lc, int64_t N, 
             OK(ag_cuda_ctx_sync(ctx[p], &err_));
             for (int k = 0; k < 4; k++) {
                 if (!gw[k]) continue;
-                dev_get(got, d_g[k], gn[k]);
+                test_dev_get(got, d_g[k], gn[k]);
                 expect_close(got, ref[k], gn[k], p, what[k], blabel);
             }
         }
@@ -443,7 +418,7 @@ static void linear_case(ag_cuda_ctx *const *ctx, const lin_case *lc, int64_t N, 
 }
 
 static void test_linear(void) {
-    if (!have_device()) return;
+    if (!test_have_device("the CUDA GEMM and linear were")) return;
     uint64_t rng = 22;
     memset(worst, 0, sizeof worst);
     ag_cuda_ctx *ctx[N_PREC] = {NULL, NULL, NULL, NULL};
@@ -472,10 +447,10 @@ static void expect_refused(int rc, const q_err *err, const char *what) {
 }
 
 static void test_bad_arguments(void) {
-    if (!have_device()) return;
+    if (!test_have_device("the CUDA GEMM and linear were")) return;
     ag_cuda_ctx *ctx = NULL;
     OK(ag_cuda_ctx_create(&ctx, AG_PRECISION_FP32, &err_));
-    float *d = dev_alloc(64 * (int64_t)sizeof(float));
+    float *d = test_dev_alloc(64 * (int64_t)sizeof(float));
     q_err err;
     err.msg[0] = '\0';
     expect_refused(ag_cuda_gemm(ctx, AG_PRECISION_FP32, false, false, -1, 4, 4, 1.0f, d, 4, d, 4, 0.0f, d, 4, &err),

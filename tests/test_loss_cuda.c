@@ -36,37 +36,6 @@
 
 #define DEV_CHECK(call) CU_ASSERT_EQUAL_FATAL((call), cudaSuccess)
 
-static bool have_device(void) {
-    if (ag_cuda_available()) return true;
-    printf("\n    SKIPPED: no CUDA device present; the CUDA loss head was not run ");
-    return false;
-}
-
-// ----------------------------------------------------------------------------
-// host <-> device helpers (every buffer holds at least one element)
-
-static void *dev_alloc(size_t bytes) {
-    void *d = NULL;
-    DEV_CHECK(cudaMalloc(&d, bytes ? bytes : 4));
-    return d;
-}
-
-static float *dev_put(const float *h, int64_t n) {
-    float *d = dev_alloc((size_t)n * sizeof(float));
-    DEV_CHECK(cudaMemcpy(d, h, (size_t)n * sizeof(float), cudaMemcpyHostToDevice));
-    return d;
-}
-
-static int32_t *dev_put_i32(const int32_t *h, int64_t n) {
-    int32_t *d = dev_alloc((size_t)n * sizeof(int32_t));
-    DEV_CHECK(cudaMemcpy(d, h, (size_t)n * sizeof(int32_t), cudaMemcpyHostToDevice));
-    return d;
-}
-
-static void dev_get(float *h, const float *d, int64_t n) {
-    DEV_CHECK(cudaMemcpy(h, d, (size_t)n * sizeof(float), cudaMemcpyDeviceToHost));
-}
-
 static float *host_alloc(int64_t n) { return malloc((size_t)(n > 0 ? n : 1) * sizeof(float)); }
 
 static float *host_normal(int64_t n, float sd, uint64_t *rng) {
@@ -121,7 +90,7 @@ static void run_case(ag_cuda_ctx *ctx, ag_precision prec, const ce_case *c, int6
     ag_cross_entropy(&loss_ref, &nv_ref, dref, c->h, c->W, c->targets, N, D, V, c->grad_scale, tc, vc, scratch);
 
     // device, with dh
-    float *d_dh = dev_put(c->dh0, N * D);
+    float *d_dh = test_dev_put(c->dh0, N * D);
     DEV_CHECK(cudaDeviceSynchronize());  // the uploads are done before the context's stream reads them
     double loss = NAN;
     int64_t nv = -1;
@@ -130,7 +99,7 @@ static void run_case(ag_cuda_ctx *ctx, ag_precision prec, const ce_case *c, int6
                                   vc, &err),
             &err);
     float *got = host_alloc(N * D);
-    dev_get(got, d_dh, N * D);
+    test_dev_get(got, d_dh, N * D);
 
     CU_ASSERT_EQUAL(nv, nv_ref);
     const double le = loss_ref != 0.0 ? fabs(loss - loss_ref) / fabs(loss_ref) : fabs(loss);
@@ -160,7 +129,7 @@ static void run_case(ag_cuda_ctx *ctx, ag_precision prec, const ce_case *c, int6
     TEST_OK(ag_cuda_cross_entropy(ctx, &loss2, &nv2, d_dh, c->d_h, c->d_W, c->d_targets, N, D, V, c->grad_scale,
                                   tc, vc, &err),
             &err);
-    dev_get(again, d_dh, N * D);
+    test_dev_get(again, d_dh, N * D);
     const bool same = memcmp(&loss2, &loss, sizeof loss) == 0 && nv2 == nv &&
                       memcmp(again, got, (size_t)(N * D) * sizeof(float)) == 0;
     if (!same) printf("\n    %s: a rerun is not bit-identical ", what);
@@ -183,7 +152,7 @@ static void run_case(ag_cuda_ctx *ctx, ag_precision prec, const ce_case *c, int6
 // Shapes: a tiny one (V < 32 threads' worth of columns), a middling one, and
 // one with a third of the targets ignored, runs at both ends included.
 static void check_precision(ag_precision prec, uint64_t seed) {
-    if (!have_device()) return;
+    if (!test_have_device("the CUDA loss head was")) return;
     ag_cuda_ctx *ctx = NULL;
     q_err err;
     if (ag_cuda_ctx_create(&ctx, prec, &err)) {
@@ -221,8 +190,8 @@ static void check_precision(ag_precision prec, uint64_t seed) {
         float *dh0 = host_normal(N * D, 0.05f, &rng);
         memset(h, 0xff, (size_t)(lead * D) * sizeof(float));  // NaN: ignored rows must not leak
 
-        float *d_h = dev_put(h, N * D), *d_W = dev_put(W, V * D);
-        int32_t *d_t = dev_put_i32(targets, N);
+        float *d_h = test_dev_put(h, N * D), *d_W = test_dev_put(W, V * D);
+        int32_t *d_t = test_dev_put_i32(targets, N);
         // grad_scale is 1 / valid tokens in training; any value will do here, and
         // one that is not 1 checks that it is applied
         const ce_case c = {N, D, V, h, W, dh0, targets, d_h, d_W, d_t, 0.75f};
@@ -250,7 +219,7 @@ static void test_bf16(void) { check_precision(AG_PRECISION_BF16, 23); }
 // Edge cases: no rows, and rows that are all ignored (loss 0, count 0, dh
 // untouched).
 static void test_edges(void) {
-    if (!have_device()) return;
+    if (!test_have_device("the CUDA loss head was")) return;
     ag_cuda_ctx *ctx = NULL;
     q_err err;
     TEST_OK(ag_cuda_ctx_create(&ctx, AG_PRECISION_FP32, &err), &err);
@@ -259,8 +228,8 @@ static void test_edges(void) {
     float *h = host_normal(N * D, 1.0f, &rng), *W = host_normal(V * D, 0.1f, &rng);
     float *dh0 = host_normal(N * D, 1.0f, &rng);
     int32_t targets[5] = {AG_IGNORE_INDEX, AG_IGNORE_INDEX, AG_IGNORE_INDEX, AG_IGNORE_INDEX, AG_IGNORE_INDEX};
-    float *d_h = dev_put(h, N * D), *d_W = dev_put(W, V * D), *d_dh = dev_put(dh0, N * D);
-    int32_t *d_t = dev_put_i32(targets, N);
+    float *d_h = test_dev_put(h, N * D), *d_W = test_dev_put(W, V * D), *d_dh = test_dev_put(dh0, N * D);
+    int32_t *d_t = test_dev_put_i32(targets, N);
     DEV_CHECK(cudaDeviceSynchronize());
 
     double loss = NAN;
@@ -269,7 +238,7 @@ static void test_edges(void) {
     CU_ASSERT(loss == 0.0);
     CU_ASSERT_EQUAL(nv, 0);
     float *got = host_alloc(N * D);
-    dev_get(got, d_dh, N * D);
+    test_dev_get(got, d_dh, N * D);
     CU_ASSERT(memcmp(got, dh0, (size_t)(N * D) * sizeof(float)) == 0);
 
     loss = NAN, nv = -1;

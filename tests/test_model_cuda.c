@@ -88,11 +88,6 @@ static double grads_worst(const lora *l, const float *ref) {
 }
 
 
-static bool have_device(void) {
-    if (ag_cuda_available()) return true;
-    printf("\n    SKIPPED: no CUDA device present; the GPU step was not run ");
-    return false;
-}
 
 static void check_step(const char *name, ag_precision prec, float dropout, bool recompute, double loss_tol,
                        double grad_tol) {
@@ -138,21 +133,21 @@ static void check_step(const char *name, ag_precision prec, float dropout, bool 
 }
 
 static void test_step_fp32(void) {
-    if (!have_device()) return;
+    if (!test_have_device("the GPU step was")) return;
     check_step("llama_gqa", AG_PRECISION_FP32, 0.0f, false, 1e-5, 1e-4);
     check_step("qwen2_bias", AG_PRECISION_FP32, 0.0f, false, 1e-5, 1e-4);
     check_step("llama_tied", AG_PRECISION_FP32, 0.0f, false, 1e-5, 1e-4);
 }
 
 static void test_step_dropout_recompute(void) {
-    if (!have_device()) return;
+    if (!test_have_device("the GPU step was")) return;
     check_step("llama_gqa", AG_PRECISION_FP32, 0.1f, false, 1e-5, 1e-4);
     check_step("llama_gqa", AG_PRECISION_FP32, 0.1f, true, 1e-5, 1e-4);
     check_step("qwen2_bias", AG_PRECISION_FP32, 0.05f, true, 1e-5, 1e-4);
 }
 
 static void test_step_reduced_precision(void) {
-    if (!have_device()) return;
+    if (!test_have_device("the GPU step was")) return;
     check_step("llama_gqa", AG_PRECISION_TF32, 0.0f, false, 2e-3, 2e-2);
     check_step("llama_tied", AG_PRECISION_BF16, 0.0f, false, 1e-2, 5e-2);
     check_step("qwen2_bias", AG_PRECISION_BF16, 0.1f, true, 1e-2, 5e-2);
@@ -161,7 +156,7 @@ static void test_step_reduced_precision(void) {
 // Device steps are deterministic: the same step twice gives the same bits
 // (no atomics in any kernel; cuBLAS with one stream and fixed shapes).
 static void test_step_deterministic(void) {
-    if (!have_device()) return;
+    if (!test_have_device("the GPU step was")) return;
     q_err err;
     fixture f;
     fixture_load(&f, "llama_gqa");
@@ -184,7 +179,6 @@ static void test_step_deterministic(void) {
 }
 
 #else
-static bool have_device(void) { return false; }
 static void skip_no_cuda(void) { printf("\n    SKIPPED: built without CUDA; the GPU step was not compiled "); }
 static void test_step_fp32(void) { skip_no_cuda(); }
 static void test_step_dropout_recompute(void) { skip_no_cuda(); }
@@ -199,7 +193,7 @@ static void test_refusals(void) {
     fixture f;
     fixture_load(&f, "llama_gqa");
     model_cuda d;
-    if (!have_device()) {
+    if (!test_have_device("the GPU step was")) {
         CU_ASSERT_EQUAL(model_cuda_upload(&d, &f.m, &f.l, AG_PRECISION_FP32, &err), -1);
         const bool says = strstr(err.msg, "no CUDA device") || strstr(err.msg, "built without CUDA");
         if (!says) printf("\n    unexpected message: %s ", err.msg);

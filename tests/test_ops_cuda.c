@@ -32,43 +32,6 @@
         DEV_CHECK(cudaDeviceSynchronize()); \
     } while (0)
 
-static bool have_device(void) {
-    if (ag_cuda_available()) return true;
-    printf("\n    SKIPPED: no CUDA device present; the CUDA kernels were not run ");
-    return false;
-}
-
-// ----------------------------------------------------------------------------
-// host <-> device helpers (every buffer holds at least one element)
-
-static void *dev_alloc(size_t bytes) {
-    void *d = NULL;
-    DEV_CHECK(cudaMalloc(&d, bytes ? bytes : 4));
-    return d;
-}
-
-static float *dev_put(const float *h, int64_t n) {
-    float *d = dev_alloc((size_t)n * sizeof(float));
-    DEV_CHECK(cudaMemcpy(d, h, (size_t)n * sizeof(float), cudaMemcpyHostToDevice));
-    return d;
-}
-
-static int32_t *dev_put_i32(const int32_t *h, int64_t n) {
-    int32_t *d = dev_alloc((size_t)n * sizeof(int32_t));
-    DEV_CHECK(cudaMemcpy(d, h, (size_t)n * sizeof(int32_t), cudaMemcpyHostToDevice));
-    return d;
-}
-
-static float *dev_poisoned(int64_t n) {  // every element NaN
-    float *d = dev_alloc((size_t)n * sizeof(float));
-    DEV_CHECK(cudaMemset(d, 0xff, (size_t)n * sizeof(float)));
-    return d;
-}
-
-static void dev_get(float *h, const float *d, int64_t n) {
-    DEV_CHECK(cudaMemcpy(h, d, (size_t)n * sizeof(float), cudaMemcpyDeviceToHost));
-}
-
 static float *host_random(int64_t n, float lo, float hi, uint64_t *rng) {
     float *h = malloc((size_t)(n ? n : 1) * sizeof(float));
     test_fill_uniform(h, (size_t)n, lo, hi, rng);
@@ -103,7 +66,7 @@ static void report_worst(void) { printf("\n    worst relative error vs CPU: %.3g
 // embedding
 
 static void test_embedding(void) {
-    if (!have_device()) return;
+    if (!test_have_device("the CUDA kernels were")) return;
     uint64_t rng = 11;
     worst = 0;
     const int64_t shapes[][3] = {{1, 1, 1}, {37, 50, 77}, {300, 50, 256}, {64, 1000, 1031}};  // N, V, D
@@ -118,21 +81,21 @@ static void test_embedding(void) {
         }
         float *table = host_normal(V * D, 1.0f, &rng), *dout = host_normal(N * D, 1.0f, &rng);
         float *ref = malloc((size_t)(N * D) * sizeof(float)), *got = malloc((size_t)(N * D) * sizeof(float));
-        int32_t *d_ids = dev_put_i32(ids, N);
-        float *d_table = dev_put(table, V * D), *d_out = dev_poisoned(N * D), *d_dout = dev_put(dout, N * D);
+        int32_t *d_ids = test_dev_put_i32(ids, N);
+        float *d_table = test_dev_put(table, V * D), *d_out = test_dev_poisoned(N * D), *d_dout = test_dev_put(dout, N * D);
 
         ag_embedding_forward(ref, ids, table, N, D);
         RUN(ag_cuda_embedding_forward(d_out, d_ids, d_table, N, D, NULL, &err_));
-        dev_get(got, d_out, N * D);
+        test_dev_get(got, d_out, N * D);
         expect_same(got, ref, N * D, "embedding forward");
         expect_close(got, ref, N * D, "embedding forward");
 
         // backward into a table that already holds values (+=)
         float *dref = host_normal(V * D, 1.0f, &rng), *dgot = malloc((size_t)(V * D) * sizeof(float));
-        float *d_dtable = dev_put(dref, V * D);
+        float *d_dtable = test_dev_put(dref, V * D);
         ag_embedding_backward(dref, dout, ids, N, D);
         RUN(ag_cuda_embedding_backward(d_dtable, d_dout, d_ids, N, D, NULL, &err_));
-        dev_get(dgot, d_dtable, V * D);
+        test_dev_get(dgot, d_dtable, V * D);
         expect_same(dgot, dref, V * D, "embedding backward (tokens in order, as the CPU)");
         expect_close(dgot, dref, V * D, "embedding backward");
 
@@ -146,7 +109,7 @@ static void test_embedding(void) {
 // RMSNorm
 
 static void test_rmsnorm(void) {
-    if (!have_device()) return;
+    if (!test_have_device("the CUDA kernels were")) return;
     uint64_t rng = 12;
     worst = 0;
     const int64_t shapes[][2] = {{1, 1}, {1, 33}, {37, 77}, {300, 1000}, {5, 4099}, {130, 64}};  // N, D
@@ -157,13 +120,13 @@ static void test_rmsnorm(void) {
         float *dout = host_normal(N * D, 1.0f, &rng);
         float *ref = malloc((size_t)(N * D) * sizeof(float)), *got = malloc((size_t)(N * D) * sizeof(float));
         float *rstd = malloc((size_t)N * sizeof(float)), *rstd_got = malloc((size_t)N * sizeof(float));
-        float *d_x = dev_put(x, N * D), *d_w = dev_put(w, D), *d_dout = dev_put(dout, N * D);
-        float *d_out = dev_poisoned(N * D), *d_rstd = dev_poisoned(N);
+        float *d_x = test_dev_put(x, N * D), *d_w = test_dev_put(w, D), *d_dout = test_dev_put(dout, N * D);
+        float *d_out = test_dev_poisoned(N * D), *d_rstd = test_dev_poisoned(N);
 
         ag_rmsnorm_forward(ref, rstd, x, w, N, D, eps);
         RUN(ag_cuda_rmsnorm_forward(d_out, d_rstd, d_x, d_w, N, D, eps, NULL, &err_));
-        dev_get(got, d_out, N * D);
-        dev_get(rstd_got, d_rstd, N);
+        test_dev_get(got, d_out, N * D);
+        test_dev_get(rstd_got, d_rstd, N);
         expect_close(got, ref, N * D, "rmsnorm out");
         expect_close(rstd_got, rstd, N, "rmsnorm rstd");
 
@@ -172,16 +135,16 @@ static void test_rmsnorm(void) {
         for (int which = 0; which < 3; which++) {
             const bool want_dx = which != 2, want_dw = which != 1;
             float *dx = host_normal(N * D, 1.0f, &rng), *dw = host_normal(D, 1.0f, &rng);
-            float *d_dx = dev_put(dx, N * D), *d_dw = dev_put(dw, D), *d_rs = dev_put(rstd, N);
+            float *d_dx = test_dev_put(dx, N * D), *d_dw = test_dev_put(dw, D), *d_rs = test_dev_put(rstd, N);
             const int64_t ns = ag_cuda_rmsnorm_backward_scratch_floats(N, D);
             CU_ASSERT(ns >= D);
-            float *d_scratch = dev_poisoned(ns);
+            float *d_scratch = test_dev_poisoned(ns);
             ag_rmsnorm_backward(want_dx ? dx : NULL, want_dw ? dw : NULL, dout, x, w, rstd, N, D);
             RUN(ag_cuda_rmsnorm_backward(want_dx ? d_dx : NULL, want_dw ? d_dw : NULL, d_dout, d_x, d_w, d_rs, N, D,
                                          want_dw ? d_scratch : NULL, NULL, &err_));
             float *gx = malloc((size_t)(N * D) * sizeof(float)), *gw = malloc((size_t)D * sizeof(float));
-            dev_get(gx, d_dx, N * D);
-            dev_get(gw, d_dw, D);
+            test_dev_get(gx, d_dx, N * D);
+            test_dev_get(gw, d_dw, D);
             expect_close(gx, dx, N * D, want_dx ? "rmsnorm dx" : "rmsnorm dx (untouched when NULL)");
             expect_close(gw, dw, D, want_dw ? "rmsnorm dw" : "rmsnorm dw (untouched when NULL)");
             cudaFree(d_dx), cudaFree(d_dw), cudaFree(d_rs), cudaFree(d_scratch);
@@ -197,7 +160,7 @@ static void test_rmsnorm(void) {
 // dropout: the same counter-based mask on both sides, bit for bit
 
 static void test_dropout(void) {
-    if (!have_device()) return;
+    if (!test_have_device("the CUDA kernels were")) return;
     uint64_t rng = 13;
     worst = 0;
     const int64_t lens[] = {1, 1000, 100003};
@@ -213,10 +176,10 @@ static void test_dropout(void) {
                 float *x = host_random(n, 0.5f, 1.5f, &rng);
                 for (int64_t i = 0; i < n; i += 2) x[i] = -x[i];
                 float *ref = malloc((size_t)n * sizeof(float)), *got = malloc((size_t)n * sizeof(float));
-                float *d_x = dev_put(x, n), *d_out = dev_poisoned(n);
+                float *d_x = test_dev_put(x, n), *d_out = test_dev_poisoned(n);
                 ag_dropout_forward(ref, x, n, p, seed);
                 RUN(ag_cuda_dropout_forward(d_out, d_x, n, p, seed, NULL, &err_));
-                dev_get(got, d_out, n);
+                test_dev_get(got, d_out, n);
                 int64_t mask_diff = 0, kept = 0;
                 for (int64_t i = 0; i < n; i++) {
                     mask_diff += (got[i] == 0.0f) != (ref[i] == 0.0f);
@@ -231,15 +194,15 @@ static void test_dropout(void) {
                 // in place on the device
                 if (p > 0.0f) {
                     RUN(ag_cuda_dropout_forward(d_x, d_x, n, p, seed, NULL, &err_));
-                    dev_get(got, d_x, n);
+                    test_dev_get(got, d_x, n);
                     expect_same(got, ref, n, "dropout forward in place");
                 }
                 // backward accumulates with the same mask
                 float *dout = host_normal(n, 1.0f, &rng), *dx = host_normal(n, 1.0f, &rng);
-                float *d_dout = dev_put(dout, n), *d_dx = dev_put(dx, n);
+                float *d_dout = test_dev_put(dout, n), *d_dx = test_dev_put(dx, n);
                 ag_dropout_backward(dx, dout, n, p, seed);
                 RUN(ag_cuda_dropout_backward(d_dx, d_dout, n, p, seed, NULL, &err_));
-                dev_get(got, d_dx, n);
+                test_dev_get(got, d_dx, n);
                 expect_same(got, dx, n, "dropout backward");
                 expect_close(got, dx, n, "dropout backward");
                 cudaFree(d_x), cudaFree(d_out), cudaFree(d_dout), cudaFree(d_dx);
@@ -252,7 +215,7 @@ static void test_dropout(void) {
 // RoPE
 
 static void test_rope(void) {
-    if (!have_device()) return;
+    if (!test_have_device("the CUDA kernels were")) return;
     uint64_t rng = 14;
     worst = 0;
     // N, H, hd; hd/2 = 80 crosses the CPU's 64-wide angle blocks
@@ -271,23 +234,23 @@ static void test_rope(void) {
         pos[N - 1] = 131071;  // a long-context position: large angles
         float *x = host_normal(n, 1.0f, &rng), *dout = host_normal(n, 1.0f, &rng);
         float *ref = malloc((size_t)n * sizeof(float)), *got = malloc((size_t)n * sizeof(float));
-        int32_t *d_pos = dev_put_i32(pos, N);
-        float *d_inv = dev_put(inv_freq, hd / 2), *d_x = dev_put(x, n), *d_out = dev_poisoned(n);
-        float *d_dout = dev_put(dout, n);
+        int32_t *d_pos = test_dev_put_i32(pos, N);
+        float *d_inv = test_dev_put(inv_freq, hd / 2), *d_x = test_dev_put(x, n), *d_out = test_dev_poisoned(n);
+        float *d_dout = test_dev_put(dout, n);
 
         ag_rope_forward(ref, x, pos, inv_freq, N, H, hd);
         RUN(ag_cuda_rope_forward(d_out, d_x, d_pos, d_inv, N, H, hd, NULL, &err_));
-        dev_get(got, d_out, n);
+        test_dev_get(got, d_out, n);
         expect_close(got, ref, n, "rope forward");
         RUN(ag_cuda_rope_forward(d_x, d_x, d_pos, d_inv, N, H, hd, NULL, &err_));
-        dev_get(got, d_x, n);
+        test_dev_get(got, d_x, n);
         expect_close(got, ref, n, "rope forward in place");
 
         float *dx = host_normal(n, 1.0f, &rng);
-        float *d_dx = dev_put(dx, n);
+        float *d_dx = test_dev_put(dx, n);
         ag_rope_backward(dx, dout, pos, inv_freq, N, H, hd);
         RUN(ag_cuda_rope_backward(d_dx, d_dout, d_pos, d_inv, N, H, hd, NULL, &err_));
-        dev_get(got, d_dx, n);
+        test_dev_get(got, d_dx, n);
         expect_close(got, dx, n, "rope backward");
 
         cudaFree(d_pos), cudaFree(d_inv), cudaFree(d_x), cudaFree(d_out), cudaFree(d_dout), cudaFree(d_dx);
@@ -300,7 +263,7 @@ static void test_rope(void) {
 // SwiGLU
 
 static void test_swiglu(void) {
-    if (!have_device()) return;
+    if (!test_have_device("the CUDA kernels were")) return;
     uint64_t rng = 15;
     worst = 0;
     const int64_t lens[] = {1, 1001, 65537};
@@ -309,22 +272,22 @@ static void test_swiglu(void) {
         float *gate = host_normal(n, 3.0f, &rng), *up = host_normal(n, 1.0f, &rng);
         float *dout = host_normal(n, 1.0f, &rng);
         float *ref = malloc((size_t)n * sizeof(float)), *got = malloc((size_t)n * sizeof(float));
-        float *d_gate = dev_put(gate, n), *d_up = dev_put(up, n), *d_dout = dev_put(dout, n);
-        float *d_out = dev_poisoned(n);
+        float *d_gate = test_dev_put(gate, n), *d_up = test_dev_put(up, n), *d_dout = test_dev_put(dout, n);
+        float *d_out = test_dev_poisoned(n);
         ag_swiglu_forward(ref, gate, up, n);
         RUN(ag_cuda_swiglu_forward(d_out, d_gate, d_up, n, NULL, &err_));
-        dev_get(got, d_out, n);
+        test_dev_get(got, d_out, n);
         expect_close(got, ref, n, "swiglu forward");
         for (int which = 0; which < 3; which++) {  // both gradients, then each alone
             const bool want_g = which != 2, want_u = which != 1;
             float *dg = host_normal(n, 1.0f, &rng), *du = host_normal(n, 1.0f, &rng);
-            float *d_dg = dev_put(dg, n), *d_du = dev_put(du, n);
+            float *d_dg = test_dev_put(dg, n), *d_du = test_dev_put(du, n);
             ag_swiglu_backward(want_g ? dg : NULL, want_u ? du : NULL, dout, gate, up, n);
             RUN(ag_cuda_swiglu_backward(want_g ? d_dg : NULL, want_u ? d_du : NULL, d_dout, d_gate, d_up, n, NULL,
                                         &err_));
-            dev_get(got, d_dg, n);
+            test_dev_get(got, d_dg, n);
             expect_close(got, dg, n, "swiglu dgate");
-            dev_get(got, d_du, n);
+            test_dev_get(got, d_du, n);
             expect_close(got, du, n, "swiglu dup");
             cudaFree(d_dg), cudaFree(d_du);
             free(dg), free(du);
@@ -339,7 +302,7 @@ static void test_swiglu(void) {
 // residual add: against the plain C loop (the tape's), bit for bit
 
 static void test_add(void) {
-    if (!have_device()) return;
+    if (!test_have_device("the CUDA kernels were")) return;
     uint64_t rng = 16;
     const int64_t lens[] = {1, 1001, 65537};
     for (size_t li = 0; li < 3; li++) {
@@ -347,30 +310,30 @@ static void test_add(void) {
         float *a = host_normal(n, 1.0f, &rng), *b = host_normal(n, 1.0f, &rng), *dout = host_normal(n, 1.0f, &rng);
         float *ref = malloc((size_t)n * sizeof(float)), *got = malloc((size_t)n * sizeof(float));
         for (int64_t i = 0; i < n; i++) ref[i] = a[i] + b[i];
-        float *d_a = dev_put(a, n), *d_b = dev_put(b, n), *d_out = dev_poisoned(n), *d_dout = dev_put(dout, n);
+        float *d_a = test_dev_put(a, n), *d_b = test_dev_put(b, n), *d_out = test_dev_poisoned(n), *d_dout = test_dev_put(dout, n);
         RUN(ag_cuda_add_forward(d_out, d_a, d_b, n, NULL, &err_));
-        dev_get(got, d_out, n);
+        test_dev_get(got, d_out, n);
         expect_same(got, ref, n, "add forward");
         RUN(ag_cuda_add_forward(d_a, d_a, d_b, n, NULL, &err_));  // in place, as a residual stream does
-        dev_get(got, d_a, n);
+        test_dev_get(got, d_a, n);
         expect_same(got, ref, n, "add forward in place");
 
         // da += dout, db += dout; then x + x: one gradient array gets dout twice
         float *da = host_normal(n, 1.0f, &rng), *db = host_normal(n, 1.0f, &rng);
-        float *d_da = dev_put(da, n), *d_db = dev_put(db, n);
+        float *d_da = test_dev_put(da, n), *d_db = test_dev_put(db, n);
         RUN(ag_cuda_add_backward(d_da, d_db, d_dout, n, NULL, &err_));
         for (int64_t i = 0; i < n; i++) da[i] += dout[i], db[i] += dout[i];
-        dev_get(got, d_da, n);
+        test_dev_get(got, d_da, n);
         expect_same(got, da, n, "add backward da");
-        dev_get(got, d_db, n);
+        test_dev_get(got, d_db, n);
         expect_same(got, db, n, "add backward db");
         RUN(ag_cuda_add_backward(d_da, d_da, d_dout, n, NULL, &err_));
         for (int64_t i = 0; i < n; i++) da[i] = (da[i] + dout[i]) + dout[i];
-        dev_get(got, d_da, n);
+        test_dev_get(got, d_da, n);
         expect_same(got, da, n, "add backward, da aliasing db");
         RUN(ag_cuda_add_backward(NULL, d_db, d_dout, n, NULL, &err_));
         for (int64_t i = 0; i < n; i++) db[i] += dout[i];
-        dev_get(got, d_db, n);
+        test_dev_get(got, d_db, n);
         expect_same(got, db, n, "add backward, da NULL");
 
         cudaFree(d_a), cudaFree(d_b), cudaFree(d_out), cudaFree(d_dout), cudaFree(d_da), cudaFree(d_db);

@@ -2,6 +2,8 @@
 #define _GNU_SOURCE
 #include "test_util.h"
 
+#include "autograd/autograd.h"
+
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -64,4 +66,45 @@ int test_main(void) {
     int cu_err = CU_get_error();
     CU_cleanup_registry();
     return (failed || cu_err) ? 1 : 0;
+}
+
+// ----------------------------------------------------------------------------
+// device buffers
+
+bool test_have_device(const char *what) {
+    if (ag_cuda_available()) return true;
+    printf("\n    SKIPPED: no CUDA device present; %s not run ", what);
+    return false;
+}
+
+void *test_dev_alloc(int64_t bytes) {
+    void *d = NULL;
+    q_err err;
+    TEST_OK(ag_cuda_malloc(&d, bytes > 0 ? bytes : 4, &err), &err);
+    return d;
+}
+
+void *test_dev_put_bytes(const void *h, int64_t bytes) {
+    void *d = test_dev_alloc(bytes);
+    q_err err;
+    if (bytes > 0) TEST_OK(ag_cuda_copy(d, h, bytes, NULL, &err), &err);
+    return d;
+}
+
+float *test_dev_put(const float *h, int64_t n) { return test_dev_put_bytes(h, n * (int64_t)sizeof(float)); }
+int32_t *test_dev_put_i32(const int32_t *h, int64_t n) { return test_dev_put_bytes(h, n * (int64_t)sizeof(int32_t)); }
+
+float *test_dev_poisoned(int64_t n) {
+    const size_t bytes = (size_t)(n > 0 ? n : 1) * sizeof(float);
+    void *nan = malloc(bytes);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(nan);
+    memset(nan, 0xff, bytes);
+    float *d = test_dev_put_bytes(nan, (int64_t)bytes);
+    free(nan);
+    return d;
+}
+
+void test_dev_get(float *h, const float *d, int64_t n) {
+    q_err err;
+    if (n > 0) TEST_OK(ag_cuda_copy(h, d, n * (int64_t)sizeof(float), NULL, &err), &err);
 }

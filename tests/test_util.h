@@ -22,6 +22,19 @@ float test_normal(uint64_t *state);
 // is zero); any non-finite x gives infinity, so NaN never passes.
 double test_rel_err(const float *x, const float *ref, int64_t n);
 
+// Device buffers for the CUDA suites, through autograd's public ag_cuda_*
+// calls (every buffer holds at least one element; copies have finished on
+// return; a failure is a fatal assertion). Free with ag_cuda_free.
+// test_have_device prints one SKIPPED line naming what did not run when
+// there is no device.
+bool test_have_device(const char *what);
+void *test_dev_alloc(int64_t bytes);
+void *test_dev_put_bytes(const void *h, int64_t bytes);
+float *test_dev_put(const float *h, int64_t n);
+int32_t *test_dev_put_i32(const int32_t *h, int64_t n);
+float *test_dev_poisoned(int64_t n);  // every element NaN (0xff bytes)
+void test_dev_get(float *h, const float *d, int64_t n);
+
 // Runs the registered suites in verbose mode; returns the process exit code
 // (non-zero when any assertion failed or CUnit itself failed).
 int test_main(void);
