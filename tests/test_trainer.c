@@ -305,7 +305,26 @@ static void test_train_on_device(void) {
         if (!(e <= worst)) worst = e;
     }
     CU_ASSERT(worst < 1e-4);
-    printf("\n    GPU run: 8 losses within %.1e of the CPU run's ", worst);
+    // evaluation runs through the device's forward-only pass: its losses too
+    for (int k = 0; k < 2; k++) {
+        char path[4200];
+        size_t len;
+        double v[2];
+        for (int run = 0; run < 2; run++) {
+            snprintf(path, sizeof path, "%s/%s/manifest.json", g_dir, run ? "gpu" : "straight");
+            char *m = read_whole(path, &len);
+            q_json *j;
+            CU_ASSERT_PTR_NOT_NULL_FATAL(m);
+            TEST_OK(q_json_parse(m, len, &j, &err), &err);
+            v[run] = q_json_get(j, k ? "val_loss_after" : "val_loss_before")->number;
+            q_json_free(j);
+            free(m);
+        }
+        const double e = fabs(v[1] - v[0]) / fabs(v[0]);
+        CU_ASSERT(e < 1e-4);
+        if (!(e <= worst)) worst = e;
+    }
+    printf("\n    GPU run: 8 train and 2 validation losses within %.1e of the CPU run's ", worst);
 }
 
 int main(void) {
